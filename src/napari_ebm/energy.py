@@ -1,0 +1,136 @@
+"""Posterior energy E(x) = E_data(x) + weight * E_prior(x) and noise estimation.
+
+E_data(x) = ||A x - y||^2 / (2 sigma^2), with the forward operator A, the observed tomogram y
+and the noise standard deviation sigma. The posterior density is p(x) proportional to
+exp(-E(x) / T); its normaliser is never computed, because MAP optimisation and Langevin sampling
+need only E and its gradient.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EnergyTerms:
+    """Energy values at one point, as Python floats.
+
+    Attributes
+    ----------
+    total : float
+        E(x) = data + weight * prior.
+    data : float
+        E_data(x).
+    prior : float
+        E_prior(x), before multiplication by the weight.
+    """
+
+    total: float
+    data: float
+    prior: float
+
+    def is_finite(self):
+        return math.isfinite(self.total) and math.isfinite(self.data) and math.isfinite(self.prior)
+
+
+class PosteriorEnergy:
+    """The posterior energy of a reconstruction problem in normalised units.
+
+    Parameters
+    ----------
+    operator : napari_ebm.operators.Operator
+        Forward operator A (an orthogonal projection).
+    prior : napari_ebm.priors.Prior
+        Energy prior.
+    observed : torch.Tensor
+        Observed tomogram y of shape (z, y, x).
+    sigma : float
+        Noise standard deviation, in the units of ``observed``; must be > 0.
+    weight : float
+        Weight of the prior energy; must be >= 0.
+    """
+
+    def __init__(self, operator, prior, observed, sigma, weight):
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"noise sigma must be finite and > 0, got {sigma}")
+        if not (weight >= 0 and math.isfinite(weight)):
+            raise ValueError(f"prior weight must be finite and >= 0, got {weight}")
+
+        self.operator = operator
+        self.prior = prior
+        self.sigma = float(sigma)
+        self.weight = float(weight)
+        self.measured = operator(observed)
+
+    @property
+    def lipschitz(self):
+        """An upper bound on the Lipschitz constant of grad E (the operator norm of A is 1)."""
+        return 1.0 / self.sigma**2 + self.weight * float(self.prior.lipschitz)
+
+    def terms(self, x):
+        """Return (total, data, prior) energies at ``x`` as tensors that autograd can follow."""
+        residual = self.operator(x) - self.measured
+        data = (residual * residual).sum() / (2.0 * self.sigma**2)
+        prior = self.prior(x)
+        return data + self.weight * prior, data, prior
+
+    def value_and_grad(self, x):
+        """Return the energy terms at ``x`` and the gradient of the total energy.
+
+        Returns
+        -------
+        terms : EnergyTerms
+        grad : torch.Tensor
+            dE/dx, of the shape of ``x``, detached from autograd.
+        """
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            total, data, prior = self.terms(x)
+            (grad,) = torch.autograd.grad(total, x)
+        terms = EnergyTerms(float(total.detach()), float(data.detach()), float(prior.detach()))
+        return terms, grad
+
+
+def estimate_noise_sigma(volume):
+    """Estimate the standard deviation of white noise in a volume.
+
+    Uses the median absolute deviation of the finest Haar wavelet coefficients that are high-pass
+    along all three axes (Donoho's estimator, extended to 3D): each coefficient combines 2x2x2
+    neighbouring voxels with weights +-1/sqrt(8), so it carries the noise at full strength and
+    little of a smooth signal.
+
+    Parameters
+    ----------
+    volume : numpy.ndarray or torch.Tensor
+        Array of shape (z, y, x), each side at least 2.
+
+    Returns
+    -------
+    float
+        The estimate, in the units of ``volume``.
+
+    Notes
+    -----
+    NOTE: noise that was filtered (for example the missing wedge of a tomogram, or binning)
+    is not white, and the estimate then describes only its high-frequency part.
+    """
+    v = torch.as_tensor(np.asarray(volume) if not torch.is_tensor(volume) else volume)
+    v = v.to(torch.float64)
+    nz, ny, nx = (n - n % 2 for n in v.shape[-3:])
+    v = v[:nz, :ny, :nx]
+
+    coefficients = v
+    for dim in range(3):
+        even = coefficients.narrow(dim, 0, coefficients.shape[dim] // 2 * 2)
+        shape = list(even.shape)
+        shape[dim : dim + 1] = [shape[dim] // 2, 2]
+        pairs = even.reshape(shape)
+        coefficients = (pairs.select(dim + 1, 0) - pairs.select(dim + 1, 1)) / math.sqrt(2.0)
+
+    median = coefficients.flatten().median()
+    return float((coefficients - median).abs().median() / 0.6744897501960817)
