@@ -21,7 +21,7 @@ class ParameterError(EBMError, ValueError):
     """A run parameter is invalid. The message names the parameter, its value and the valid range."""
 
 
-class RunError(EBMError, RuntimeError):
+class RunError(EBMError):
     """A run failed at a given step.
 
     Attributes

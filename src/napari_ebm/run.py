@@ -282,6 +282,7 @@ class Reconstruction:
         prior = create_prior(config.prior, **config.prior_options).to(self.device)
         self.energy = PosteriorEnergy(operator, prior, observed_normalised, sigma, config.weight)
         self.initial = observed_normalised
+        self._preview_requested = False
 
         fraction = AUTO_STEP_FRACTION[config.method]
         self.step_size = config.step_size if config.step_size is not None else fraction / self.energy.lipschitz
@@ -290,6 +291,10 @@ class Reconstruction:
             self.run_id, config.method, self.device, self.shape, self.noise_sigma,
             "estimated" if self.noise_sigma_estimated else "given", self.step_size, self.seed,
         )
+
+    def request_preview(self):
+        """Make the next snapshot carry volumes; safe to call from another thread."""
+        self._preview_requested = True
 
     def restore(self, x):
         """Return a normalised tensor as a numpy copy in the input's intensity units."""
@@ -372,7 +377,9 @@ class Reconstruction:
 
             converged = config.method == "map" and change < config.tolerance
             final = step == config.steps or converged
-            with_volumes = final or step % config.preview_every == 0
+            with_volumes = final or step % config.preview_every == 0 or self._preview_requested
+            if with_volumes:
+                self._preview_requested = False
             last = self._snapshot(step, terms, x, moments, started, with_volumes, done=final, converged=converged)
             yield last
             if converged:

@@ -1,0 +1,58 @@
+"""Conversions between core volumes and napari layer data."""
+
+import logging
+
+import numpy as np
+
+from ..io import Volume
+
+logger = logging.getLogger(__name__)
+
+
+def volume_layer_data(volume, name):
+    """Return a napari LayerData tuple for a :class:`napari_ebm.io.Volume`.
+
+    The layer's scale is the voxel size and its translate the origin, both in Angstrom, so
+    layers of different voxel sizes overlay correctly. Contrast limits come from a subsample,
+    so a memory-mapped volume is not read whole.
+    """
+    metadata = {
+        "napari_ebm": {
+            "source_path": str(volume.path) if volume.path else None,
+            "voxel_size": list(volume.voxel_size),
+            "origin": list(volume.origin),
+            "is_stack": volume.is_stack,
+        }
+    }
+    attributes = {
+        "name": name,
+        "scale": tuple(volume.voxel_size),
+        "translate": tuple(volume.origin),
+        "metadata": metadata,
+        "contrast_limits": subsample_contrast_limits(volume.data),
+        "units": "angstrom",
+    }
+    return (volume.data, attributes, "image")
+
+
+def subsample_contrast_limits(data, max_voxels=2_000_000):
+    """Return the 0.5 and 99.5 percentiles of a strided subsample of ``data`` as (low, high)."""
+    stride = max(1, int(np.ceil((data.size / max_voxels) ** (1.0 / 3.0))))
+    sample = np.asarray(data[::stride, ::stride, ::stride], dtype=np.float32)
+    low, high = np.percentile(sample, [0.5, 99.5])
+    if not high > low:
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def layer_volume(layer):
+    """Return a :class:`napari_ebm.io.Volume` for a 3D image layer, with its scale and translate."""
+    metadata = layer.metadata.get("napari_ebm", {}) if isinstance(layer.metadata, dict) else {}
+    source = metadata.get("source_path")
+    return Volume(
+        data=np.asarray(layer.data),
+        voxel_size=tuple(float(s) for s in layer.scale[-3:]),
+        origin=tuple(float(t) for t in layer.translate[-3:]),
+        path=source,
+        is_stack=bool(metadata.get("is_stack", False)),
+    )

@@ -1,0 +1,78 @@
+"""Output layers of a run: created once, then updated in place from snapshots."""
+
+import logging
+
+import numpy as np
+
+from .layers import subsample_contrast_limits
+
+logger = logging.getLogger(__name__)
+
+
+class OutputLayers:
+    """The layers "<input> MAP" (or "<input> sample"), "<input> mean" and "<input> std".
+
+    A layer that already exists under one of these names, from an earlier run, is reused and its
+    data replaced, so the layer count stays constant across runs. New layers get the input
+    layer's scale and translate. Call only from the main thread.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    input_layer : napari.layers.Image
+    method : str
+        "map" or "langevin".
+    """
+
+    def __init__(self, viewer, input_layer, method):
+        self.viewer = viewer
+        self.input_layer = input_layer
+        base = input_layer.name
+        self.names = {"volume": f"{base} MAP" if method == "map" else f"{base} sample"}
+        if method == "langevin":
+            self.names.update(mean=f"{base} mean", std=f"{base} std")
+        self.metadata = {}
+
+    def apply(self, snapshot):
+        """Show the volumes of ``snapshot`` (those that are not None)."""
+        for key, name in self.names.items():
+            data = getattr(snapshot, key)
+            if data is not None:
+                self._update(name, data, is_std=(key == "std"))
+
+    def set_metadata(self, metadata):
+        """Store ``metadata`` under "napari_ebm" in every output layer that exists."""
+        self.metadata = metadata
+        for name in self.names.values():
+            if name in self.viewer.layers:
+                self.viewer.layers[name].metadata["napari_ebm"] = metadata
+
+    def _update(self, name, data, is_std):
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            if layer.data.shape != data.shape:
+                # A layer of the same name from a run on another volume: replace its data and geometry.
+                layer.scale = self.input_layer.scale
+                layer.translate = self.input_layer.translate
+            layer.data = data
+            if is_std:
+                layer.contrast_limits = _std_limits(data)
+            return
+
+        limits = _std_limits(data) if is_std else tuple(self.input_layer.contrast_limits)
+        layer = self.viewer.add_image(
+            data,
+            name=name,
+            scale=self.input_layer.scale,
+            translate=self.input_layer.translate,
+            contrast_limits=limits,
+            colormap="magma" if is_std else "gray",
+            units=self.input_layer.units,
+            metadata={"napari_ebm": self.metadata},
+        )
+        logger.debug("created output layer %r", layer.name)
+
+
+def _std_limits(data):
+    low, high = subsample_contrast_limits(data)
+    return (max(0.0, low), high if high > max(0.0, low) else max(0.0, low) + float(np.finfo(np.float32).eps))

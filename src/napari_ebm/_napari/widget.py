@@ -1,0 +1,504 @@
+"""Dock widget "EBM reconstruction": set up a run, start it in the background, watch it stream.
+
+The widget builds a :class:`napari_ebm.run.Reconstruction` on the main thread, so every invalid
+parameter is reported before a worker starts, then consumes its snapshot generator in napari's
+thread worker. Pause and Stop take effect at the next snapshot, that is within one step.
+Every run carries an id, and signals from an older run are ignored.
+"""
+
+import logging
+import math
+import time
+
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import EBMError, ParameterError
+from ..operators import OPERATORS
+from ..priors import PRIORS
+from ..run import DEVICES, METHODS, Reconstruction, RunConfig
+from .plot import EnergyPlot
+from .streaming import OutputLayers
+
+logger = logging.getLogger(__name__)
+
+# Minimum time between two volume updates of the layers. Between updates the run does not copy
+# volumes at all, and snapshots that arrive while the display is busy replace older ones.
+PREVIEW_INTERVAL_SECONDS = 1.0
+
+# Interval of the refresh of the progress bar, status line and energy plot. Redrawing them at
+# every step took 40 % of the steps per second of a 36 x 206 x 94 run on 2 CPU cores.
+STATUS_INTERVAL_MS = 150
+
+
+class WorkerFailure(EBMError):
+    """An unexpected error inside a run, re-raised so napari's worker reports it.
+
+    napari's worker swallows a RuntimeError raised by the generator (it takes it for a
+    deleted Qt object), so every error leaves the generator as this type instead.
+    """
+
+
+def _consume(reconstruction):
+    try:
+        yield from reconstruction.snapshots()
+    except EBMError:
+        raise
+    except Exception as error:  # noqa: BLE001 - forwarded to the main thread as a notification
+        raise WorkerFailure(f"{type(error).__name__}: {error}") from error
+
+
+def parse_optional_positive(text, label):
+    """Return None for "auto" or an empty field, else a finite float > 0.
+
+    Raises
+    ------
+    ParameterError
+        Naming ``label`` and the text, for anything else (0, negative, NaN, not a number).
+    """
+    text = text.strip()
+    if text.lower() in ("", "auto"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ParameterError(f"invalid {label} {text!r}: enter a number > 0, or 'auto'")
+    return value
+
+
+class ReconstructionWidget(QWidget):
+    """Dock widget that runs MAP or Langevin reconstruction on a 3D image layer.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+    """
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self._worker = None
+        self._run_id = None
+        self._reconstruction = None
+        self._outputs = None
+        self._trace = []
+        self._last = None
+        self._pending = None
+        self._paused = False
+        self._stopping = False
+        self._started_at = 0.0
+
+        self._build_controls()
+        self._build_layout()
+        self.refresh_layers()
+        self.refresh_priors()
+        self._set_running(False)
+
+        events = self.viewer.layers.events
+        for event in (events.inserted, events.removed, events.moved, events.changed):
+            event.connect(self.refresh_layers)
+        self.destroyed.connect(lambda *_: self._shutdown())
+
+    # ---- construction --------------------------------------------------------------------
+
+    def _build_controls(self):
+        self.input_combo = QComboBox()
+        self.input_combo.setToolTip("3D image layer to reconstruct")
+
+        self.operator_combo = QComboBox()
+        self.operator_combo.addItems(OPERATORS.names())
+        self.operator_combo.setCurrentText("wedge")
+        self.operator_combo.setToolTip("denoise: no missing wedge; wedge: single-axis tilt about Y")
+        self.operator_combo.currentTextChanged.connect(self._update_enabled)
+
+        self.tilt_min = self._double_spin(-90.0, 90.0, -60.0, 1, " deg")
+        self.tilt_max = self._double_spin(-90.0, 90.0, 60.0, 1, " deg")
+
+        self.prior_combo = QComboBox()
+
+        self.weight_spin = self._double_spin(0.0, 1e6, 1.0, 4)
+        self.weight_spin.setToolTip("weight of the prior energy, >= 0")
+
+        self.sigma_edit = QLineEdit("auto")
+        self.sigma_edit.setToolTip("noise standard deviation in the input's intensity units, or 'auto' to estimate it")
+
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(METHODS)
+        self.method_combo.setToolTip("map: lowest-energy volume; langevin: posterior samples, mean and std")
+        self.method_combo.currentTextChanged.connect(self._update_enabled)
+
+        self.temperature_spin = self._double_spin(0.0, 1e6, 1.0, 4)
+        self.temperature_spin.setToolTip("T >= 0 of p(x) ~ exp(-E(x)/T); 0 is gradient descent")
+
+        self.step_size_edit = QLineEdit("auto")
+        self.step_size_edit.setToolTip("step size in normalised units (> 0), or 'auto' for a fraction of 1/L")
+
+        self.steps_spin = self._int_spin(1, 10_000_000, 200)
+        self.burn_in_spin = self._int_spin(0, 10_000_000, 50)
+        self.burn_in_spin.setToolTip("Langevin steps discarded before the mean and std start")
+        self.thin_spin = self._int_spin(1, 1_000_000, 1)
+        self.seed_spin = self._int_spin(0, 2**31 - 1, 0)
+
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+
+        self.normalize_check = QCheckBox("normalise intensities (mean 0, std 1)")
+        self.normalize_check.setChecked(True)
+
+        self.start_button = QPushButton("Start")
+        self.start_button.clicked.connect(self.start)
+        self.pause_button = QPushButton("Pause")
+        self.pause_button.clicked.connect(self.toggle_pause)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.clicked.connect(self.stop)
+
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m steps")
+        self.status = QLabel("idle")
+        self.status.setWordWrap(True)
+        self.plot = EnergyPlot()
+        self._status_timer = QTimer(self)
+        self._status_timer.setInterval(STATUS_INTERVAL_MS)
+        self._status_timer.timeout.connect(self._refresh_status)
+
+    @staticmethod
+    def _double_spin(low, high, value, decimals, suffix=""):
+        spin = QDoubleSpinBox()
+        spin.setRange(low, high)
+        spin.setDecimals(decimals)
+        spin.setValue(value)
+        spin.setSuffix(suffix)
+        return spin
+
+    @staticmethod
+    def _int_spin(low, high, value):
+        spin = QSpinBox()
+        spin.setRange(low, high)
+        spin.setValue(value)
+        return spin
+
+    def _build_layout(self):
+        form = QFormLayout()
+        form.addRow("input layer", self.input_combo)
+        form.addRow("operator", self.operator_combo)
+        tilt = QHBoxLayout()
+        tilt.addWidget(self.tilt_min)
+        tilt.addWidget(self.tilt_max)
+        form.addRow("tilt range", tilt)
+        form.addRow("prior", self.prior_combo)
+        form.addRow("weight", self.weight_spin)
+        form.addRow("noise sigma", self.sigma_edit)
+        form.addRow("method", self.method_combo)
+        form.addRow("temperature T", self.temperature_spin)
+        form.addRow("step size", self.step_size_edit)
+        form.addRow("steps", self.steps_spin)
+        form.addRow("burn-in", self.burn_in_spin)
+        form.addRow("thinning", self.thin_spin)
+        form.addRow("seed", self.seed_spin)
+        form.addRow("device", self.device_combo)
+        form.addRow(self.normalize_check)
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.pause_button)
+        buttons.addWidget(self.stop_button)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(self.plot)
+        layout.addStretch(1)
+
+    # ---- choices -------------------------------------------------------------------------
+
+    def refresh_layers(self, event=None):
+        """Fill the input list with the 3D image layers, keeping the current choice if it exists."""
+        current = self.input_combo.currentText()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image) and layer.ndim == 3]
+        outputs = set(self._outputs.names.values()) if self._outputs else set()
+        names = [name for name in names if name not in outputs] + [name for name in names if name in outputs]
+        self.input_combo.blockSignals(True)
+        self.input_combo.clear()
+        self.input_combo.addItems(names)
+        if current in names:
+            self.input_combo.setCurrentText(current)
+        self.input_combo.blockSignals(False)
+
+    def refresh_priors(self):
+        """Fill the prior list from the registry, with each description as tooltip."""
+        current = self.prior_combo.currentText() or "tv"
+        self.prior_combo.clear()
+        for index, name in enumerate(PRIORS.names()):
+            self.prior_combo.addItem(name)
+            self.prior_combo.setItemData(index, PRIORS.describe(name), 3)  # 3 is Qt.ToolTipRole
+        if current in PRIORS:
+            self.prior_combo.setCurrentText(current)
+
+    def _update_enabled(self, *_):
+        running = self._worker is not None
+        wedge = self.operator_combo.currentText() == "wedge"
+        langevin = self.method_combo.currentText() == "langevin"
+        self.tilt_min.setEnabled(wedge and not running)
+        self.tilt_max.setEnabled(wedge and not running)
+        for control in (self.temperature_spin, self.burn_in_spin, self.thin_spin):
+            control.setEnabled(langevin and not running)
+
+    def _set_running(self, running):
+        for control in (
+            self.input_combo, self.operator_combo, self.prior_combo, self.weight_spin, self.sigma_edit,
+            self.method_combo, self.step_size_edit, self.steps_spin, self.seed_spin, self.device_combo,
+            self.normalize_check, self.start_button,
+        ):
+            control.setEnabled(not running)
+        self.pause_button.setEnabled(running)
+        self.stop_button.setEnabled(running)
+        self.pause_button.setText("Pause")
+        self._update_enabled()
+
+    # ---- run control ---------------------------------------------------------------------
+
+    def config(self):
+        """Return the :class:`RunConfig` set in the controls.
+
+        Raises
+        ------
+        ParameterError
+            If a text field holds an invalid value.
+        """
+        return RunConfig(
+            method=self.method_combo.currentText(),
+            operator=self.operator_combo.currentText(),
+            tilt_range=(self.tilt_min.value(), self.tilt_max.value()),
+            prior=self.prior_combo.currentText(),
+            weight=self.weight_spin.value(),
+            noise_sigma=parse_optional_positive(self.sigma_edit.text(), "noise sigma"),
+            steps=self.steps_spin.value(),
+            step_size=parse_optional_positive(self.step_size_edit.text(), "step size"),
+            temperature=self.temperature_spin.value(),
+            burn_in=self.burn_in_spin.value(),
+            thin=self.thin_spin.value(),
+            seed=self.seed_spin.value(),
+            device=self.device_combo.currentText(),
+            normalize=self.normalize_check.isChecked(),
+            preview_every=self.steps_spin.value(),
+        )
+
+    def input_layer(self):
+        name = self.input_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def start(self):
+        """Validate the controls, prepare the run and start it in a worker thread.
+
+        Returns True when a worker started. Invalid input gives an error notification and the
+        status line says why; no worker starts.
+        """
+        if self._worker is not None:
+            return False
+
+        layer = self.input_layer()
+        if layer is None:
+            self._fail_before_start("choose a 3D image layer as input (open a tomogram first)")
+            return False
+        try:
+            config = self.config()
+            reconstruction = Reconstruction(layer.data, config)
+        except EBMError as error:
+            self._fail_before_start(str(error))
+            return False
+
+        self._reconstruction = reconstruction
+        self._run_id = reconstruction.run_id
+        self._outputs = OutputLayers(self.viewer, layer, config.method)
+        self._outputs.set_metadata({"run_id": self._run_id, "input": layer.name, "parameters": reconstruction.parameters()})
+        self._trace = []
+        self._last = None
+        self._pending = None
+        self._stopping = False
+        self.plot.clear()
+        self.progress.setRange(0, config.steps)
+        self.progress.setValue(0)
+        sigma_source = "estimated" if reconstruction.noise_sigma_estimated else "given"
+        self.status.setText(
+            f"starting: noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
+            f"step size {reconstruction.step_size:.4g}, device {reconstruction.device}"
+        )
+
+        run_id = self._run_id
+        worker = create_worker(_consume, reconstruction, _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(lambda snapshot: self._on_yielded(run_id, snapshot))
+        worker.errored.connect(lambda error: self._on_errored(run_id, error))
+        worker.warned.connect(lambda warning: self._on_warned(run_id, warning))
+        worker.aborted.connect(lambda: self._on_aborted(run_id))
+        worker.finished.connect(lambda: self._on_finished(run_id))
+        self._worker = worker
+        self._set_running(True)
+        self._started_at = time.perf_counter()
+        logger.debug("run %s: starting %s on layer %r", run_id, config.method, layer.name)
+        reconstruction.request_preview()
+        self._status_timer.start()
+        worker.start()
+        return True
+
+    def toggle_pause(self):
+        """Pause the running worker at its next step, or resume it."""
+        if self._worker is None:
+            return
+        if self._paused:
+            self._worker.resume()
+            self._paused = False
+            self.pause_button.setText("Pause")
+            logger.debug("run %s: resume requested", self._run_id)
+        else:
+            self._worker.pause()
+            self._paused = True
+            self.pause_button.setText("Resume")
+            logger.debug("run %s: pause requested", self._run_id)
+
+    def stop(self):
+        """Stop the run at its next step; the layers keep the last volumes shown.
+
+        Snapshots that the worker produced before it saw the request but that have not been
+        shown yet are dropped, so nothing changes on screen after Stop.
+        """
+        if self._worker is None:
+            return
+        logger.debug("run %s: stop requested", self._run_id)
+        self._stopping = True
+        self._pending = None
+        if self._paused:
+            self._worker.resume()
+            self._paused = False
+        self._worker.quit()
+        self.stop_button.setEnabled(False)
+        self.pause_button.setEnabled(False)
+
+    def is_running(self):
+        return self._worker is not None
+
+    def _fail_before_start(self, message):
+        logger.debug("not started: %s", message)
+        self.status.setText(f"not started: {message}")
+        show_error(f"EBM reconstruction not started: {message}")
+
+    # ---- worker signals (main thread) ----------------------------------------------------
+
+    def _on_yielded(self, run_id, snapshot):
+        if run_id != self._run_id or self._stopping:
+            return
+
+        self._last = snapshot
+        weighted_prior = snapshot.energy - snapshot.data_energy
+        self._trace.append((snapshot.step, snapshot.energy, snapshot.data_energy, snapshot.prior_energy))
+        self.plot.append(snapshot.step, snapshot.energy, snapshot.data_energy, weighted_prior)
+
+        if snapshot.volume is not None:
+            schedule = self._pending is None
+            self._pending = snapshot
+            if schedule:
+                QTimer.singleShot(0, lambda: self._apply_pending(run_id))
+
+    def _refresh_status(self):
+        snapshot = self._last
+        self.plot.update()
+        if snapshot is None or snapshot.run_id != self._run_id:
+            return
+        self.progress.setValue(snapshot.step)
+        text = f"step {snapshot.step}/{snapshot.steps}   E = {snapshot.energy:.6g}   {snapshot.steps_per_second:.1f} steps/s"
+        if snapshot.method == "langevin":
+            text += f"   samples {snapshot.samples}"
+        if self._paused:
+            text += "   (paused)"
+        self.status.setText(text)
+
+    def _stop_status_timer(self):
+        """Show the final progress once; later calls in the same run change nothing."""
+        if self._status_timer.isActive():
+            self._status_timer.stop()
+            self._refresh_status()
+
+    def _apply_pending(self, run_id):
+        snapshot, self._pending = self._pending, None
+        if snapshot is None or run_id != self._run_id or self._outputs is None:
+            return
+        self._outputs.apply(snapshot)
+        if self._worker is not None and not snapshot.done:
+            reconstruction = self._reconstruction
+            QTimer.singleShot(int(PREVIEW_INTERVAL_SECONDS * 1000), reconstruction.request_preview)
+
+    def _on_errored(self, run_id, error):
+        if run_id != self._run_id:
+            return
+        logger.debug("run %s errored: %s", run_id, error)
+        self._stop_status_timer()
+        last = getattr(error, "last_snapshot", None)
+        if last is not None and last.volume is not None:
+            self._pending = last
+            self._apply_pending(run_id)
+        self.status.setText(f"failed: {error}")
+        show_error(f"EBM reconstruction failed: {error}")
+
+    def _on_warned(self, run_id, warning):
+        if run_id != self._run_id:
+            return
+        message = warning[0] if isinstance(warning, tuple) else warning
+        logger.debug("run %s warned: %s", run_id, message)
+        show_warning(f"EBM reconstruction: {message}")
+
+    def _on_aborted(self, run_id):
+        if run_id != self._run_id:
+            return
+        self._stop_status_timer()
+        step = self._last.step if self._last is not None else 0
+        self.status.setText(f"stopped at step {step}; the layers keep the last volumes shown")
+        logger.debug("run %s aborted", run_id)
+
+    def _on_finished(self, run_id):
+        if run_id != self._run_id:
+            return
+        self._stop_status_timer()
+        if self._pending is not None:
+            self._apply_pending(run_id)
+        if self._outputs is not None:
+            metadata = dict(self._outputs.metadata)
+            metadata["energy_trace"] = {
+                "columns": ["step", "energy", "data_energy", "prior_energy"],
+                "rows": list(self._trace),
+            }
+            self._outputs.set_metadata(metadata)
+        if self._last is not None and self._last.done:
+            elapsed = time.perf_counter() - self._started_at
+            ending = "converged" if self._last.converged else "finished"
+            self.status.setText(f"{ending} after {self._last.step} steps in {elapsed:.1f} s")
+            show_info(f"EBM reconstruction {ending} after {self._last.step} steps in {elapsed:.1f} s")
+        self._worker = None
+        self._paused = False
+        self._set_running(False)
+        logger.debug("run %s finished; widget idle", run_id)
+
+    def _shutdown(self):
+        """Stop a running worker and wait for it, so no thread outlives the widget."""
+        if self._worker is not None:
+            logger.debug("run %s: widget closing, stopping the worker", self._run_id)
+            self._worker.quit()
+            self._worker.await_workers(msecs=5000)
