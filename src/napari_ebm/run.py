@@ -21,7 +21,7 @@ from .energy import PosteriorEnergy, estimate_noise_sigma
 from .errors import NonFiniteEnergyError, ParameterError, RunError
 from .operators import OPERATORS, create_operator
 from .priors import PRIORS, create_prior
-from .samplers import MapState, RunningMoments, langevin_step, map_step
+from .samplers import GaussianNoise, MapState, RunningMoments, langevin_step, map_step
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ class Reconstruction:
             If a step fails for another reason; the message names the step.
         """
         config = self.config
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        noise = GaussianNoise(self.seed, self.device)
         moments = RunningMoments()
         x = self.initial.clone()
         map_state = MapState(x, x)
@@ -350,7 +350,7 @@ class Reconstruction:
                     x = map_state.x
                 else:
                     evaluated = x
-                    x, terms = langevin_step(x, self.energy, self.step_size, config.temperature, generator)
+                    x, terms = langevin_step(x, self.energy, self.step_size, config.temperature, noise)
                     change = math.inf
             except Exception as error:  # noqa: BLE001 - any failure inside a step is reported with its step
                 logger.debug("run %s failed at step %d", self.run_id, step, exc_info=True)

@@ -22,7 +22,7 @@ class EnergyPlot(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.setMinimumHeight(140)
-        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.clear()
 
     def clear(self):
@@ -50,15 +50,15 @@ class EnergyPlot(QWidget):
 
     def paintEvent(self, event):  # noqa: N802 - Qt override
         painter = QPainter(self)
-        painter.setRenderHint(QPainter.Antialiasing)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         painter.fillRect(self.rect(), QColor("#262930"))
-        margin_left, margin_right, margin_top, margin_bottom = 56, 8, 8, 20
+        margin_left, margin_right, margin_top, margin_bottom = 68, 8, 8, 20
         width = self.width() - margin_left - margin_right
         height = self.height() - margin_top - margin_bottom
         painter.setPen(QColor("#a0a0a0"))
 
         if len(self.steps) < 2 or width <= 0 or height <= 0:
-            painter.drawText(self.rect(), Qt.AlignCenter, "energy per step")
+            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "energy per step")
             return
 
         series = {name: self._transform(self.values[name]) for name, _ in SERIES}
@@ -93,5 +93,5 @@ class EnergyPlot(QWidget):
             polygon = QPolygonF([point(s, v) for s, v in zip(self.steps, values) if math.isfinite(v)])
             painter.setPen(QPen(colour, 1.5))
             painter.drawPolyline(polygon)
-            painter.drawText(margin_left + 8 + 60 * legend_index, margin_top + 12, name)
+            painter.drawText(margin_left + width - 60 * (len(SERIES) - legend_index), margin_top + 12, name)
         painter.end()

@@ -1,17 +1,11 @@
 """Sample data: the real microtubule tomogram shipped with the package, and a synthetic phantom."""
 
-from importlib.resources import files
-
+from ..datasets import microtubule_path
 from ..io import read_volume
 from ..phantom import make_phantom, observe
 from .layers import subsample_contrast_limits, volume_layer_data
 
 PHANTOM_VOXEL_SIZE = 10.0
-
-
-def microtubule_path():
-    """Return the path of the shipped microtubule tomogram (see data/README.md for provenance)."""
-    return files("napari_ebm") / "data" / "microtubule_13pf.mrc"
 
 
 def microtubule_tomogram():

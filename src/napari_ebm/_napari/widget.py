@@ -13,7 +13,7 @@ import time
 from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -250,7 +250,7 @@ class ReconstructionWidget(QWidget):
         self.prior_combo.clear()
         for index, name in enumerate(PRIORS.names()):
             self.prior_combo.addItem(name)
-            self.prior_combo.setItemData(index, PRIORS.describe(name), 3)  # 3 is Qt.ToolTipRole
+            self.prior_combo.setItemData(index, PRIORS.describe(name), Qt.ItemDataRole.ToolTipRole)
         if current in PRIORS:
             self.prior_combo.setCurrentText(current)
 

@@ -1,0 +1,750 @@
+"""The ``napari-ebm`` command line: list priors and reconstruct a tomogram without napari.
+
+Exit codes: 0 success, 1 the run or writing its outputs failed, 2 invalid input or parameters,
+130 interrupted (Ctrl+C). Errors are printed as one line without a traceback, except with
+``--debug``, which also re-raises unexpected exceptions.
+"""
+
+import argparse
+import contextlib
+import csv
+import logging
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from io import StringIO
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import __version__
+from .errors import EBMError, NonFiniteEnergyError, ParameterError, RunError, VolumeReadError, VolumeWriteError
+from .io import MRC_SUFFIXES, read_volume, write_mrc
+from .operators import OPERATORS
+from .priors import PRIORS, list_priors
+from .run import DEVICES, METHODS, Reconstruction, RunConfig, validate_config
+from .sidecar import build_record, sidecar_path, utc_timestamp, write_sidecar, write_text_atomically
+
+logger = logging.getLogger(__name__)
+
+PROG = "napari-ebm"
+
+DEBUG_LOG_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+
+TRACE_COLUMNS = ("step", "energy", "data_energy", "prior_energy")
+
+# The names that validate_config uses in its messages, and the options that set them. A message
+# "invalid step size 0.0: ..." becomes "invalid --step-size 0.0: ...".
+PARAMETER_OPTIONS = {
+    "method": "--method",
+    "operator": "--operator",
+    "prior": "--prior",
+    "device": "--device",
+    "weight": "--weight",
+    "noise sigma": "--noise-sigma",
+    "number of steps": "--steps",
+    "step size": "--step-size",
+    "temperature": "--temperature",
+    "burn-in": "--burn-in",
+    "thinning": "--thin",
+    "tolerance": "--tolerance",
+    "tilt range": "--tilt-range",
+}
+
+
+class CommandInterrupted(Exception):
+    """Ctrl+C during a command. The message names the step in progress and the files written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types
+
+
+def finite_float(text):
+    """Parse a finite float; argparse shows the message with the option name."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def integer(text):
+    """Parse an integer written in decimal digits (no fraction, no exponent)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def seed_value(text):
+    """Parse a seed: an integer from 0 to 2**64 - 1, the range of torch.Generator.manual_seed."""
+    value = integer(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; give an integer from 0 to 2**64 - 1")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser():
+    """Build the argument parser of ``napari-ebm`` and its subcommands."""
+    debug_parent = argparse.ArgumentParser(add_help=False)
+    debug_parent.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log debug messages to stderr and show the traceback of unexpected errors",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Energy-based reconstruction of cryo-ET tomograms (MAP and Langevin sampling).",
+        epilog="Exit codes: 0 success, 1 the run or writing its outputs failed, "
+        "2 invalid input or parameters, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False,
+        help="log debug messages to stderr and show the traceback of unexpected errors",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    priors = subparsers.add_parser(
+        "priors", parents=[debug_parent], help="list the available priors", description="List the available priors."
+    )
+    priors.set_defaults(handler=run_priors)
+
+    reconstruct = subparsers.add_parser(
+        "reconstruct",
+        parents=[debug_parent],
+        help="reconstruct a tomogram and write the result to an MRC file",
+        description="Reconstruct a tomogram by MAP estimation or Langevin sampling and write the result, "
+        "with a JSON sidecar (<output>.json) that records the command, the parameters and the seed.",
+        epilog="Exit codes: 0 success, 1 the run or writing its outputs failed, "
+        "2 invalid input or parameters, 130 interrupted.",
+    )
+    _add_reconstruct_arguments(reconstruct)
+    reconstruct.set_defaults(handler=run_reconstruct)
+
+    view = subparsers.add_parser(
+        "view",
+        parents=[debug_parent],
+        help="open napari with a tomogram and the EBM reconstruction widget",
+        description="Open napari with a tomogram (default: the real microtubule tomogram shipped with the "
+        "package) and the EBM reconstruction widget docked.",
+    )
+    view.add_argument("input", nargs="?", metavar="INPUT", help="MRC-family file to open (.mrc .rec .map .st .ali .mrcs)")
+    view.set_defaults(handler=run_view)
+    return parser
+
+
+def _add_reconstruct_arguments(parser):
+    parser.add_argument("input", metavar="INPUT", help="input tomogram (MRC or TIFF file)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT",
+        help="output MRC file: the MAP volume, or the posterior mean with --method langevin; "
+        "it keeps the input's voxel size and origin",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--operator",
+        choices=OPERATORS.names(),
+        default="wedge",
+        help="forward operator: 'wedge' models the missing wedge of a single-axis tilt series, "
+        "'denoise' the identity (default: wedge)",
+    )
+    model.add_argument(
+        "--tilt-range",
+        nargs=2,
+        type=finite_float,
+        default=(-60.0, 60.0),
+        metavar=("MIN", "MAX"),
+        help="tilt range of the wedge operator in degrees, -90 <= MIN < MAX <= 90 (default: -60 60)",
+    )
+    model.add_argument(
+        "--prior",
+        default="tv",
+        metavar="NAME",
+        help=f"prior: one of {', '.join(PRIORS.names())}; 'napari-ebm priors' describes them (default: tv)",
+    )
+    model.add_argument(
+        "--weight",
+        type=finite_float,
+        default=1.0,
+        metavar="W",
+        help="prior weight, >= 0, dimensionless (default: 1.0)",
+    )
+    model.add_argument(
+        "--noise-sigma",
+        type=finite_float,
+        default=None,
+        metavar="S",
+        help="noise standard deviation in the input's intensity units, > 0 "
+        "(default: estimated from the data and printed)",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--method",
+        choices=METHODS,
+        default="map",
+        help="'map' finds the lowest-energy volume, 'langevin' samples the posterior (default: map)",
+    )
+    run.add_argument("--steps", type=integer, default=100, metavar="N", help="number of steps, > 0 (default: 100)")
+    run.add_argument(
+        "--step-size",
+        type=finite_float,
+        default=None,
+        metavar="H",
+        help="step size H of the update x - H grad E(x), in normalised intensity units "
+        "(raw ones with --no-normalize), > 0 "
+        "(default: automatic from the Lipschitz bound of the energy gradient, and printed)",
+    )
+    run.add_argument(
+        "--temperature",
+        type=finite_float,
+        default=1.0,
+        metavar="T",
+        help="Langevin temperature, >= 0, dimensionless; 0 is gradient descent (default: 1.0)",
+    )
+    run.add_argument(
+        "--burn-in",
+        type=integer,
+        default=0,
+        metavar="N",
+        help="Langevin steps discarded before the mean and std start, >= 0 and < --steps (default: 0)",
+    )
+    run.add_argument(
+        "--thin",
+        type=integer,
+        default=1,
+        metavar="N",
+        help="Langevin: every N-th step after the burn-in enters the mean and std, >= 1 (default: 1)",
+    )
+    run.add_argument(
+        "--tolerance",
+        type=finite_float,
+        default=1e-5,
+        metavar="TOL",
+        help="MAP stops when the relative change ||x_new - x|| / ||x|| falls below TOL, >= 0; "
+        "0 never stops early (default: 1e-5)",
+    )
+    run.add_argument(
+        "--seed",
+        type=seed_value,
+        default=None,
+        metavar="N",
+        help="seed of the random generator, 0 to 2**64 - 1 (default: drawn at random, printed and recorded)",
+    )
+    run.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="torch device; 'auto' takes CUDA, then Apple MPS, then the CPU (default: auto)",
+    )
+    run.add_argument(
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        help="run on the raw intensities instead of normalising them to mean 0 and standard deviation 1 "
+        "(default: normalise); outputs are in the input's intensity units either way",
+    )
+
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument(
+        "--std-out",
+        metavar="PATH",
+        help="Langevin only: MRC file for the posterior standard deviation; OUT then holds the posterior mean "
+        "(default: not written)",
+    )
+    outputs.add_argument(
+        "--trace",
+        metavar="PATH.csv",
+        help="CSV file of the energy terms per step, columns step,energy,data_energy,prior_energy "
+        "(default: not written)",
+    )
+    outputs.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs and their sidecars; the input is never replaced (default: off)",
+    )
+    outputs.add_argument("--quiet", action="store_true", help="hide the progress bar (default: shown on stderr)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv=None):
+    """Run the ``napari-ebm`` command line and return its exit code.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when omitted.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        # argparse exits after --help, --version (code 0) and after printing a usage error (code 2).
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_INVALID
+
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_INVALID
+
+    debug = args.debug
+    with _logging_to_stderr(debug):
+        try:
+            return args.handler(args, [PROG, *argv])
+        except CommandInterrupted as interrupt:
+            _print_error_line(str(interrupt))
+            return EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            _print_error_line("interrupted; no output written")
+            return EXIT_INTERRUPTED
+        except NonFiniteEnergyError as error:
+            logger.debug("run diverged", exc_info=True)
+            _print_error_line(
+                f"error: the energy became non-finite (NaN or infinite) at step {error.step}, so the run "
+                "stopped and no output was written. Lower --step-size, or --temperature for Langevin."
+            )
+            return EXIT_FAILED
+        except RunError as error:
+            logger.debug("run failed", exc_info=True)
+            _print_error_line("error: " + _join_sentences(str(error), "No output was written."))
+            return EXIT_FAILED
+        except EBMError as error:
+            logger.debug("command failed", exc_info=True)
+            _print_error_line(f"error: {error}")
+            return EXIT_INVALID
+        except Exception as error:
+            if debug:
+                raise
+            _print_error_line(
+                f"error: unexpected {type(error).__name__}: {error} (run with --debug for the traceback)"
+            )
+            return EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(debug):
+    """Send the package's log records to stderr while a command runs.
+
+    With ``debug``, every record is shown with a timestamp and the thread name. Otherwise only
+    warnings and errors are shown. The handler is removed afterwards, so repeated calls of
+    :func:`main` (as in tests) neither stack handlers nor write to a replaced stderr.
+    """
+    package_logger = logging.getLogger("napari_ebm")
+    handler = logging.StreamHandler(sys.stderr)
+    if debug:
+        handler.setFormatter(logging.Formatter(DEBUG_LOG_FORMAT))
+    else:
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    previous_level = package_logger.level
+    package_logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    package_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)
+
+
+def _join_sentences(first, second):
+    separator = " " if first.rstrip().endswith((".", "!", "?")) else ". "
+    return first.rstrip() + separator + second
+
+
+def _print_error_line(message):
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# napari-ebm priors
+
+
+def run_priors(args, command):
+    """Print one prior per line: its name, then its description."""
+    priors = list_priors()
+    width = max(len(name) for name, _ in priors)
+    for name, description in priors:
+        print(f"{name:<{width}}  {description}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# napari-ebm reconstruct
+
+
+def run_view(args, command):
+    """Open the napari viewer; return 0 when its window closes."""
+    if args.input is not None and not Path(args.input).is_file():
+        raise VolumeReadError(f"{args.input}: file not found; give the path of an MRC-family file")
+    try:
+        from ._napari.launch import open_viewer
+    except ImportError as error:
+        raise EBMError(
+            f"napari is not installed ({error}); install it with: pip install 'napari-ebm[napari]'"
+        ) from error
+    open_viewer(args.input)
+    return EXIT_OK
+
+
+def run_reconstruct(args, command):
+    """Check everything, run the reconstruction, then write the outputs and their sidecars.
+
+    Nothing is written and no step runs unless all parameters and output paths are valid.
+    """
+    started = utc_timestamp()
+    clock = time.perf_counter()
+    input_path, volume, outputs, reconstruction = _prepare_run(args)
+    prepare_seconds = time.perf_counter() - clock
+
+    print(_describe_run(volume, reconstruction))
+    logger.info("reconstruction %s of %s started", reconstruction.run_id, input_path)
+    run_clock = time.perf_counter()
+    last, trace = _run_with_progress(reconstruction, quiet=args.quiet)
+    run_seconds = time.perf_counter() - run_clock
+    logger.info("reconstruction %s finished after %d steps", reconstruction.run_id, last.step)
+
+    timings = {
+        "started": started,
+        "prepare_seconds": prepare_seconds,
+        "run_seconds": run_seconds,
+        "steps_per_second": last.step / run_seconds if run_seconds > 0 else None,
+    }
+    records = {
+        path: build_record(
+            command=command,
+            volume=volume,
+            output_path=path,
+            kind=kind,
+            parameters=reconstruction.parameters(),
+            result=_describe_result(last),
+            timings=timings,
+        )
+        for _, path, kind in outputs
+    }
+    written = _write_outputs(outputs, last, trace, volume, input_path, records, args.overwrite)
+    if written is None:
+        return EXIT_FAILED
+
+    stopped = f"converged after {last.step} of {last.steps} steps" if last.converged else f"{last.step} steps"
+    rate = timings["steps_per_second"]
+    rate_text = f", {rate:.2f} steps/s" if rate is not None else ""
+    print(
+        f"wrote {', '.join(str(path) for path, _ in written)} (each with a .json sidecar): "
+        f"{stopped} in {run_seconds:.1f} s{rate_text}"
+    )
+    return EXIT_OK
+
+
+def _prepare_run(args):
+    """Validate the options, read the input, check the outputs and prepare the reconstruction.
+
+    Returns
+    -------
+    input_path : pathlib.Path
+    volume : napari_ebm.io.Volume
+    outputs : list of (option, pathlib.Path, kind)
+    reconstruction : Reconstruction
+
+    Raises
+    ------
+    EBMError
+        ParameterError, VolumeReadError or VolumeWriteError, naming the option or file.
+    """
+    config = _config_from_args(args)
+    input_path = Path(args.input).expanduser()
+    volume = _read_input(input_path)
+    outputs = _plan_outputs(args, config)
+    _check_output_paths(input_path, outputs, args.overwrite)
+
+    if volume.is_stack and config.operator == "wedge":
+        raise ParameterError(
+            f"{input_path} is an image stack (for example a tilt series), not a tomogram, so the wedge "
+            "operator does not apply. Reconstruct the tomogram first, or use --operator denoise"
+        )
+    if volume.is_stack:
+        _print_error_line(
+            f"warning: {input_path} is an image stack. It is denoised as a volume whose z voxel size "
+            "is a copy of the x voxel size"
+        )
+
+    try:
+        reconstruction = Reconstruction(volume.data, config)
+    except ParameterError as error:
+        raise ParameterError(_with_option_names(str(error))) from error
+    return input_path, volume, outputs, reconstruction
+
+
+def _describe_result(last):
+    """Return the "result" entry of a sidecar from the final snapshot."""
+    return {
+        "steps_run": last.step,
+        "steps_requested": last.steps,
+        "converged": last.converged,
+        "energy": last.energy,
+        "data_energy": last.data_energy,
+        "prior_energy": last.prior_energy,
+        "samples": last.samples,
+    }
+
+
+def _config_from_args(args):
+    """Build the RunConfig from the options and validate it.
+
+    ``preview_every`` equals the number of steps, so volumes are copied only into the last snapshot.
+
+    Raises
+    ------
+    ParameterError
+        Naming the option, its value and the valid range.
+    """
+    config = RunConfig(
+        method=args.method,
+        operator=args.operator,
+        tilt_range=tuple(args.tilt_range),
+        prior=args.prior,
+        weight=args.weight,
+        noise_sigma=args.noise_sigma,
+        steps=args.steps,
+        step_size=args.step_size,
+        temperature=args.temperature,
+        burn_in=args.burn_in,
+        thin=args.thin,
+        tolerance=args.tolerance,
+        seed=args.seed,
+        device=args.device,
+        normalize=args.normalize,
+        preview_every=max(args.steps, 1),
+    )
+    try:
+        validate_config(config)
+    except ParameterError as error:
+        raise ParameterError(_with_option_names(str(error))) from error
+
+    if config.method == "langevin":
+        samples_kept = (config.steps - config.burn_in) // config.thin
+        if samples_kept == 0:
+            raise ParameterError(
+                f"invalid --thin {config.thin}: with --steps {config.steps} and --burn-in {config.burn_in} "
+                f"no sample enters the posterior mean. Use --thin {config.steps - config.burn_in} or less"
+            )
+    elif args.std_out is not None:
+        raise ParameterError(
+            "--std-out needs --method langevin: a MAP run has no posterior standard deviation"
+        )
+    return config
+
+
+def _with_option_names(message):
+    """Replace the parameter name in a validate_config or resolve_device message by its option."""
+    message = message.replace(", or unset for", ", or omit the option for").replace(
+        ", or unset to", ", or omit the option to"
+    )
+    device_request = re.match(r"device '(\w+)' was requested", message)
+    if device_request:
+        return f"--device {device_request.group(1)} was requested" + message[device_request.end():]
+    for name in sorted(PARAMETER_OPTIONS, key=len, reverse=True):
+        prefix = f"invalid {name} "
+        if message.startswith(prefix):
+            return f"invalid {PARAMETER_OPTIONS[name]} " + message[len(prefix):]
+    return message
+
+
+def _plan_outputs(args, config):
+    """Return (option, path, kind) for every output that the command writes."""
+    out_kind = "posterior_mean" if config.method == "langevin" else "map"
+    outputs = [("--out", Path(args.out).expanduser(), out_kind)]
+    if args.std_out is not None:
+        outputs.append(("--std-out", Path(args.std_out).expanduser(), "posterior_std"))
+    if args.trace is not None:
+        outputs.append(("--trace", Path(args.trace).expanduser(), "energy_trace"))
+    return outputs
+
+
+def _check_output_paths(input_path, outputs, overwrite):
+    """Check every output and sidecar path, so that a clash is found before the run starts.
+
+    Raises
+    ------
+    VolumeWriteError
+        If a volume output lacks an MRC suffix, two outputs share a path, an output is the input,
+        is a folder, lies in a missing or read-only folder, or exists without ``overwrite``.
+    """
+    targets = []
+    for option, path, kind in outputs:
+        if kind != "energy_trace" and path.suffix.lower() not in MRC_SUFFIXES:
+            raise VolumeWriteError(
+                f"{option} {path} must be an MRC file. Give it one of the suffixes {', '.join(MRC_SUFFIXES)}"
+            )
+        targets.append((f"{option} {path}", path))
+        targets.append((f"the sidecar of {option}, {sidecar_path(path)},", sidecar_path(path)))
+
+    seen = {}
+    for label, path in targets:
+        key = path.resolve()
+        if key in seen:
+            raise VolumeWriteError(f"{label} and {seen[key]} are the same file. Give each output its own path")
+        seen[key] = label
+
+    for label, path in targets:
+        if _same_file(path, input_path):
+            raise VolumeWriteError(
+                f"{label} is the input file; napari-ebm never replaces its input, even with --overwrite. "
+                "Choose another output path"
+            )
+        folder = path.parent
+        if not folder.is_dir():
+            raise VolumeWriteError(f"the output folder {folder} of {label} does not exist. Create it first")
+        if path.is_dir():
+            raise VolumeWriteError(f"{label} is a folder. Give the path of a file")
+        if path.exists() and not overwrite:
+            raise VolumeWriteError(f"{label} already exists. Use --overwrite to replace it, or choose another path")
+        if not _is_writable_folder(folder):
+            raise VolumeWriteError(f"the output folder {folder} of {label} is not writable")
+
+
+def _same_file(path, other):
+    if path.resolve() == other.resolve():
+        return True
+    try:
+        return path.exists() and other.exists() and path.samefile(other)
+    except OSError:
+        return False
+
+
+def _is_writable_folder(folder):
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _read_input(input_path):
+    """Read the input volume and print each UserWarning from reading as a warning line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volume = read_volume(input_path)
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            _print_error_line(f"warning: {warning.message}")
+        else:
+            logger.debug("warning while reading %s: %s", input_path, warning.message)
+    return volume
+
+
+def _describe_run(volume, reconstruction):
+    """Return the line printed before a run: shape, voxel size and the resolved parameters."""
+    config = reconstruction.config
+    shape = " x ".join(str(n) for n in volume.data.shape)
+    voxel_size = " x ".join(f"{size:g}" for size in volume.voxel_size)
+    sigma_source = "estimated" if reconstruction.noise_sigma_estimated else "given"
+    step_source = "automatic" if config.step_size is None else "given"
+    seed_source = "drawn" if config.seed is None else "given"
+    return (
+        f"{config.method} reconstruction of {shape} voxels (z, y, x), voxel size {voxel_size} Angstrom: "
+        f"noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
+        f"step size {reconstruction.step_size:.4g} ({step_source}), "
+        f"seed {reconstruction.seed} ({seed_source}), device {reconstruction.device}"
+    )
+
+
+def _run_with_progress(reconstruction, quiet):
+    """Iterate over the run's snapshots with a progress bar on stderr.
+
+    Returns
+    -------
+    last : Snapshot
+        The final snapshot, which carries the volumes.
+    trace : list of tuple
+        (step, energy, data_energy, prior_energy) for every step.
+
+    Raises
+    ------
+    CommandInterrupted
+        On Ctrl+C, naming the step in progress.
+    """
+    steps = reconstruction.config.steps
+    trace = []
+    last = None
+    with tqdm(total=steps, desc=reconstruction.config.method, unit="step", file=sys.stderr, disable=quiet) as bar:
+        try:
+            for snapshot in reconstruction.snapshots():
+                # Before a NonFiniteEnergyError the run yields its last finite step a second time.
+                if last is None or snapshot.step > last.step:
+                    trace.append((snapshot.step, snapshot.energy, snapshot.data_energy, snapshot.prior_energy))
+                last = snapshot
+                bar.set_postfix(energy=f"{snapshot.energy:.6g}", refresh=False)
+                bar.update(snapshot.step - bar.n)
+        except KeyboardInterrupt:
+            step = min((last.step if last is not None else 0) + 1, steps)
+            raise CommandInterrupted(f"interrupted at step {step}; no output written") from None
+    return last, trace
+
+
+def _write_outputs(outputs, last, trace, volume, input_path, records, overwrite):
+    """Write each output, then each sidecar, and return [(path, kind)] of the outputs.
+
+    Returns None after printing the error if a write fails; outputs written before it remain
+    and are listed in the message.
+    """
+    arrays = {"map": last.volume, "posterior_mean": last.mean, "posterior_std": last.std}
+    written = []
+    try:
+        for option, path, kind in outputs:
+            if kind == "energy_trace":
+                write_text_atomically(path, _trace_csv(trace))
+            else:
+                if arrays[kind] is None:
+                    raise RunError(f"the run finished without a {kind.replace('_', ' ')} for {option}", last.step)
+                write_mrc(
+                    path,
+                    arrays[kind],
+                    volume.voxel_size,
+                    volume.origin,
+                    overwrite=overwrite,
+                    protected_paths=(input_path,),
+                )
+            written.append((path, kind))
+        for path, _ in written:
+            write_sidecar(path, records[path])
+    except EBMError as error:
+        logger.debug("writing the outputs failed", exc_info=True)
+        done = ", ".join(str(path) for path, _ in written) or "none"
+        _print_error_line("error: " + _join_sentences(str(error), f"Outputs written before the error: {done}."))
+        return None
+    except KeyboardInterrupt:
+        done = ", ".join(str(path) for path, _ in written) or "none"
+        raise CommandInterrupted(
+            f"interrupted while writing the outputs; complete files written: {done}"
+        ) from None
+    return written
+
+
+def _trace_csv(trace):
+    buffer = StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(TRACE_COLUMNS)
+    for step, energy, data_energy, prior_energy in trace:
+        writer.writerow((step, repr(energy), repr(data_energy), repr(prior_energy)))
+    return buffer.getvalue()
