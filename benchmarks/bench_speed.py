@@ -7,8 +7,9 @@ Prints, for phantom volumes of 64^3 and 128^3 voxels on the CPU:
 2. steps per second of a Langevin run started from the "EBM reconstruction" widget, streaming
    into a napari viewer, divided by the same run consumed headless (target >= 0.9).
 
-Both ratios come from runs made side by side, alternating, in this one process; the medians
-over the rounds are reported. Part 2 needs an OpenGL display: run it as
+Both ratios come from runs made side by side, alternating, in this one process; each round
+gives one ratio and the median over the rounds is reported, because the load of a shared
+machine changes from one second to the next. Part 2 needs an OpenGL display: run it as
 
     xvfb-run -a .venv/bin/python benchmarks/bench_speed.py
 
@@ -60,11 +61,17 @@ def step_over_gradient(size, rounds, repeats):
 
     gradient()
     step()
-    gradient_times, step_times = [], []
-    for _ in range(rounds):
-        gradient_times.append(time_calls(gradient, repeats))
-        step_times.append(time_calls(step, repeats))
-    return statistics.median(gradient_times), statistics.median(step_times)
+
+    # Gradient and step alternate call by call, and each pair gives one ratio, so a change of
+    # the machine's load affects both sides of a ratio alike.
+    gradient_times, step_times, ratios = [], [], []
+    for _ in range(rounds * repeats):
+        gradient_seconds = time_calls(gradient, 1)
+        step_seconds = time_calls(step, 1)
+        gradient_times.append(gradient_seconds)
+        step_times.append(step_seconds)
+        ratios.append(step_seconds / gradient_seconds)
+    return statistics.median(gradient_times), statistics.median(step_times), statistics.median(ratios)
 
 
 def headless_rate(volume, steps):
@@ -74,20 +81,27 @@ def headless_rate(volume, steps):
     return steps / (time.perf_counter() - started)
 
 
-def widget_rate(viewer, widget, app, steps):
+def widget_rate(widget, steps):
+    """Run ``steps`` from the widget inside a Qt event loop and return steps per second."""
+    from qtpy.QtCore import QEventLoop, QTimer
+
     widget.steps_spin.setValue(steps)
+    loop = QEventLoop()
+    poll = QTimer()
+    poll.setInterval(50)
+    poll.timeout.connect(lambda: None if widget.is_running() else loop.quit())
+
     started = time.perf_counter()
     if not widget.start():
         raise RuntimeError(f"the widget did not start: {widget.status.text()}")
-    while widget.is_running():
-        app.processEvents()
-        time.sleep(0.002)
+    poll.start()
+    loop.exec()
+    poll.stop()
     return steps / (time.perf_counter() - started)
 
 
-def streaming_ratio(size, steps, rounds, ndisplay):
+def streaming_ratio(size, seconds, rounds, ndisplay):
     import napari
-    from qtpy.QtWidgets import QApplication
 
     volume = observed_phantom(size)
     viewer = napari.Viewer(show=True)
@@ -100,22 +114,27 @@ def streaming_ratio(size, steps, rounds, ndisplay):
     widget.burn_in_spin.setValue(0)
     widget.seed_spin.setValue(0)
     widget.device_combo.setCurrentText("cpu")
-    app = QApplication.instance()
 
-    widget_rate(viewer, widget, app, 5)
+    # A first short run creates the output layers; the timed runs update them in place. Each
+    # timed run lasts about ``seconds``, so the start and the last update weigh little.
+    widget_rate(widget, 5)
+    steps = max(10, int(seconds * headless_rate(volume, 10)))
     headless, streamed = [], []
     for _ in range(rounds):
         headless.append(headless_rate(volume, steps))
-        streamed.append(widget_rate(viewer, widget, app, steps))
+        streamed.append(widget_rate(widget, steps))
+    ratios = [widget / alone for widget, alone in zip(streamed, headless)]
     layer_count = len(viewer.layers)
     viewer.close()
-    return statistics.median(headless), statistics.median(streamed), layer_count
+    return steps, statistics.median(headless), statistics.median(streamed), statistics.median(ratios), layer_count
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="volume side lengths in voxels")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per measurement")
+    parser.add_argument("--seconds", type=float, default=8.0, help="approximate duration of each streaming run")
+    parser.add_argument("--views", type=int, nargs="+", default=[2, 3], help="napari display dimensions to measure")
     parser.add_argument("--no-gui", action="store_true", help="skip the napari streaming measurement")
     args = parser.parse_args()
 
@@ -125,20 +144,20 @@ def main():
     print("\n1. Langevin step / gradient of E (wedge operator, tv prior; target <= 1.15)")
     for size in args.sizes:
         repeats = max(3, int(2e6 / size**3) * 5)
-        gradient_seconds, step_seconds = step_over_gradient(size, args.rounds, repeats)
+        gradient_seconds, step_seconds, ratio = step_over_gradient(size, args.rounds, repeats)
         print(f"   {size}^3: gradient {gradient_seconds * 1e3:8.2f} ms, step {step_seconds * 1e3:8.2f} ms, "
-              f"ratio {step_seconds / gradient_seconds:.3f}")
+              f"median ratio over {args.rounds * repeats} pairs {ratio:.3f}")
 
     if args.no_gui:
         return
 
     print("\n2. steps/s streaming into napari / headless (Langevin, wedge, tv; target >= 0.9)")
-    for ndisplay in (2, 3):
+    for ndisplay in args.views:
         for size in args.sizes:
-            steps = max(20, int(60 * (64 / size) ** 3))
-            headless, streamed, layers = streaming_ratio(size, steps, args.rounds, ndisplay)
+            steps, headless, streamed, ratio, layers = streaming_ratio(size, args.seconds, args.rounds, ndisplay)
             print(f"   {size}^3, {ndisplay}D view, {steps} steps: headless {headless:7.2f} steps/s, "
-                  f"widget {streamed:7.2f} steps/s, ratio {streamed / headless:.3f} ({layers} layers)")
+                  f"widget {streamed:7.2f} steps/s, median ratio over {args.rounds} rounds {ratio:.3f} "
+                  f"({layers} layers)")
 
 
 if __name__ == "__main__":

@@ -283,6 +283,7 @@ class Reconstruction:
         self.energy = PosteriorEnergy(operator, prior, observed_normalised, sigma, config.weight)
         self.initial = observed_normalised
         self._preview_requested = False
+        self._latest = None
 
         fraction = AUTO_STEP_FRACTION[config.method]
         self.step_size = config.step_size if config.step_size is not None else fraction / self.energy.lipschitz
@@ -295,6 +296,17 @@ class Reconstruction:
     def request_preview(self):
         """Make the next snapshot carry volumes; safe to call from another thread."""
         self._preview_requested = True
+
+    def latest_snapshot(self):
+        """Return a snapshot with volumes of the last completed step, or None before the first.
+
+        Call it only while the generator from :meth:`snapshots` is suspended or closed, for
+        example after a consumer stopped iterating, because it reads the run's current state.
+        """
+        if self._latest is None:
+            return None
+        step, terms, x, moments, started = self._latest
+        return self._snapshot(step, terms, x, moments, started, with_volumes=True)
 
     def restore(self, x):
         """Return a normalised tensor as a numpy copy in the input's intensity units."""
@@ -375,6 +387,7 @@ class Reconstruction:
             if config.method == "langevin" and step > config.burn_in and (step - config.burn_in) % config.thin == 0:
                 moments.update(x)
 
+            self._latest = (step, terms, x, moments, started)
             converged = config.method == "map" and change < config.tolerance
             final = step == config.steps or converged
             with_volumes = final or step % config.preview_every == 0 or self._preview_requested

@@ -83,10 +83,11 @@ class GaussianNoise:
     """Standard normal noise from the run's private generators.
 
     On the CPU, drawing normal numbers with one torch generator is single-threaded and took
-    about a fifth of the time of a gradient of E at 128^3. The volume is therefore cut into a
-    fixed number of slabs along z, each with its own generator, drawn in parallel. The number
-    of slabs does not depend on the machine, so a seed gives the same noise everywhere.
-    Other devices use one generator on the device.
+    about a fifth of the time of a gradient of E at 128^3. The volume is therefore cut into
+    two slabs along z, each with its own generator, drawn in parallel threads. Two slabs were
+    faster than one or four on 2 cores (benchmarks/bench_speed.py). The number of slabs does
+    not depend on the machine, so a seed gives the same noise everywhere. Other devices use
+    one generator on the device.
 
     Parameters
     ----------
@@ -94,7 +95,7 @@ class GaussianNoise:
     device : torch.device
     """
 
-    SLABS = 4
+    SLABS = 2
     _pool = None
 
     def __init__(self, seed, device):
@@ -113,9 +114,17 @@ class GaussianNoise:
 
     def sample(self, shape, dtype=torch.float32):
         """Return a tensor of ``shape`` with independent standard normal entries."""
+        return self.start(shape, dtype)()
+
+    def start(self, shape, dtype=torch.float32):
+        """Start drawing noise of ``shape`` in the background and return a function that waits for it.
+
+        The Langevin step starts the draw before it computes the gradient, so the two overlap.
+        """
         noise = torch.empty(shape, dtype=dtype, device=self.device)
         if len(self.generators) == 1:
-            return noise.normal_(generator=self.generators[0])
+            noise.normal_(generator=self.generators[0])
+            return lambda: noise
 
         slabs = torch.tensor_split(noise, self.SLABS, dim=0)
         futures = [
@@ -123,9 +132,13 @@ class GaussianNoise:
             for slab, generator in zip(slabs, self.generators)
             if slab.numel() > 0
         ]
-        for future in futures:
-            future.result()
-        return noise
+
+        def wait():
+            for future in futures:
+                future.result()
+            return noise
+
+        return wait
 
 
 def langevin_step(x, energy, step_size, temperature, noise):
@@ -153,10 +166,16 @@ def langevin_step(x, energy, step_size, temperature, noise):
     terms : napari_ebm.energy.EnergyTerms
         Energies at ``x``, where the gradient was taken.
     """
-    terms, grad = energy.value_and_grad(x)
+    pending_noise = noise.start(x.shape, x.dtype) if temperature > 0 else None
+    try:
+        terms, grad = energy.value_and_grad(x)
+    finally:
+        # The noise buffer must not be released while a background draw still writes to it.
+        noise_sample = pending_noise() if pending_noise is not None else None
+
     x_new = torch.add(x, grad, alpha=-step_size)
-    if temperature > 0:
-        x_new.add_(noise.sample(x.shape, x.dtype), alpha=math.sqrt(2.0 * step_size * temperature))
+    if noise_sample is not None:
+        x_new.add_(noise_sample, alpha=math.sqrt(2.0 * step_size * temperature))
     return x_new, terms
 
 

@@ -50,7 +50,6 @@ class EnergyPlot(QWidget):
 
     def paintEvent(self, event):  # noqa: N802 - Qt override
         painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         painter.fillRect(self.rect(), QColor("#262930"))
         margin_left, margin_right, margin_top, margin_bottom = 68, 8, 8, 20
         width = self.width() - margin_left - margin_right

@@ -38,13 +38,19 @@ from .streaming import OutputLayers
 
 logger = logging.getLogger(__name__)
 
-# Minimum time between two volume updates of the layers. Between updates the run does not copy
-# volumes at all, and snapshots that arrive while the display is busy replace older ones.
-PREVIEW_INTERVAL_SECONDS = 1.0
+# The display (output layers, progress bar, status line and energy plot) is refreshed in one
+# tick, because with software OpenGL every repaint of the window recomposes the whole canvas.
+# Refreshing the status four times a second and the layers once a second separately cost 25 %
+# of the steps per second of a 64^3 run on 2 CPU cores (benchmarks/bench_speed.py).
+DISPLAY_INTERVAL_SECONDS = 1.0
 
-# Interval of the refresh of the progress bar, status line and energy plot. Redrawing them at
-# every step took 40 % of the steps per second of a 36 x 206 x 94 run on 2 CPU cores.
-STATUS_INTERVAL_MS = 150
+# The first tick comes sooner, so the output layers appear soon after Start.
+FIRST_DISPLAY_SECONDS = 0.2
+
+# The next tick waits at least this many times the duration of the last one, so a slow display
+# takes at most about a tenth of the main thread. Between ticks the run copies no volumes, and
+# a snapshot that arrives while the display is busy replaces the older one.
+DISPLAY_BUDGET_FACTOR = 10.0
 
 
 class WorkerFailure(EBMError):
@@ -104,6 +110,7 @@ class ReconstructionWidget(QWidget):
         self._pending = None
         self._paused = False
         self._stopping = False
+        self._display_ended = True
         self._started_at = 0.0
 
         self._build_controls()
@@ -175,9 +182,9 @@ class ReconstructionWidget(QWidget):
         self.status = QLabel("idle")
         self.status.setWordWrap(True)
         self.plot = EnergyPlot()
-        self._status_timer = QTimer(self)
-        self._status_timer.setInterval(STATUS_INTERVAL_MS)
-        self._status_timer.timeout.connect(self._refresh_status)
+        self._display_timer = QTimer(self)
+        self._display_timer.setSingleShot(True)
+        self._display_timer.timeout.connect(self._display_tick)
 
     @staticmethod
     def _double_spin(low, high, value, decimals, suffix=""):
@@ -335,6 +342,7 @@ class ReconstructionWidget(QWidget):
         self._last = None
         self._pending = None
         self._stopping = False
+        self._display_ended = False
         self.plot.clear()
         self.progress.setRange(0, config.steps)
         self.progress.setValue(0)
@@ -356,7 +364,7 @@ class ReconstructionWidget(QWidget):
         self._started_at = time.perf_counter()
         logger.debug("run %s: starting %s on layer %r", run_id, config.method, layer.name)
         reconstruction.request_preview()
-        self._status_timer.start()
+        self._display_timer.start(int(FIRST_DISPLAY_SECONDS * 1000))
         worker.start()
         return True
 
@@ -413,48 +421,62 @@ class ReconstructionWidget(QWidget):
         self.plot.append(snapshot.step, snapshot.energy, snapshot.data_energy, weighted_prior)
 
         if snapshot.volume is not None:
-            schedule = self._pending is None
             self._pending = snapshot
-            if schedule:
-                QTimer.singleShot(0, lambda: self._apply_pending(run_id))
 
-    def _refresh_status(self):
-        snapshot = self._last
-        self.plot.update()
-        if snapshot is None or snapshot.run_id != self._run_id:
+    def _display_tick(self):
+        """Show the latest progress and volumes, then ask the run for fresh volumes."""
+        if self._worker is None:
             return
-        self.progress.setValue(snapshot.step)
-        text = f"step {snapshot.step}/{snapshot.steps}   E = {snapshot.energy:.6g}   {snapshot.steps_per_second:.1f} steps/s"
-        if snapshot.method == "langevin":
-            text += f"   samples {snapshot.samples}"
+
+        started = time.perf_counter()
+        self._refresh_display()
+        self._reconstruction.request_preview()
+
+        # A zero-delay timer fires once Qt has handled the repaints that the tick posted.
+        run_id = self._run_id
+        QTimer.singleShot(0, lambda: self._schedule_tick(run_id, started))
+
+    def _schedule_tick(self, run_id, tick_started):
+        if run_id != self._run_id or self._worker is None:
+            return
+        cost = time.perf_counter() - tick_started
+        delay = max(DISPLAY_INTERVAL_SECONDS, DISPLAY_BUDGET_FACTOR * cost)
+        logger.debug("run %s: display tick took %.3f s, next in %.2f s", run_id, cost, delay)
+        self._display_timer.start(int(delay * 1000))
+
+    def _refresh_display(self):
+        snapshot, self._pending = self._pending, None
+        if snapshot is not None and self._outputs is not None and snapshot.run_id == self._run_id:
+            self._outputs.apply(snapshot)
+
+        self.plot.update()
+        last = self._last
+        if last is None or last.run_id != self._run_id:
+            return
+        self.progress.setValue(last.step)
+        text = f"step {last.step}/{last.steps}   E = {last.energy:.6g}   {last.steps_per_second:.1f} steps/s"
+        if last.method == "langevin":
+            text += f"   samples {last.samples}"
         if self._paused:
             text += "   (paused)"
         self.status.setText(text)
 
-    def _stop_status_timer(self):
-        """Show the final progress once; later calls in the same run change nothing."""
-        if self._status_timer.isActive():
-            self._status_timer.stop()
-            self._refresh_status()
-
-    def _apply_pending(self, run_id):
-        snapshot, self._pending = self._pending, None
-        if snapshot is None or run_id != self._run_id or self._outputs is None:
+    def _end_display(self):
+        """Stop the ticks and show the final state once; later calls in the same run do nothing."""
+        if self._display_ended:
             return
-        self._outputs.apply(snapshot)
-        if self._worker is not None and not snapshot.done:
-            reconstruction = self._reconstruction
-            QTimer.singleShot(int(PREVIEW_INTERVAL_SECONDS * 1000), reconstruction.request_preview)
+        self._display_ended = True
+        self._display_timer.stop()
+        self._refresh_display()
 
     def _on_errored(self, run_id, error):
         if run_id != self._run_id:
             return
         logger.debug("run %s errored: %s", run_id, error)
-        self._stop_status_timer()
         last = getattr(error, "last_snapshot", None)
         if last is not None and last.volume is not None:
             self._pending = last
-            self._apply_pending(run_id)
+        self._end_display()
         self.status.setText(f"failed: {error}")
         show_error(f"EBM reconstruction failed: {error}")
 
@@ -468,7 +490,17 @@ class ReconstructionWidget(QWidget):
     def _on_aborted(self, run_id):
         if run_id != self._run_id:
             return
-        self._stop_status_timer()
+
+        # The worker has left the generator, so its state can be read: show the step it
+        # stopped at, at most one step after the request.
+        latest = self._reconstruction.latest_snapshot()
+        if latest is not None:
+            if not self._trace or self._trace[-1][0] < latest.step:
+                self._trace.append((latest.step, latest.energy, latest.data_energy, latest.prior_energy))
+                self.plot.append(latest.step, latest.energy, latest.data_energy, latest.energy - latest.data_energy)
+            self._last = latest
+            self._pending = latest
+        self._end_display()
         step = self._last.step if self._last is not None else 0
         self.status.setText(f"stopped at step {step}; the layers keep the last volumes shown")
         logger.debug("run %s aborted", run_id)
@@ -476,9 +508,7 @@ class ReconstructionWidget(QWidget):
     def _on_finished(self, run_id):
         if run_id != self._run_id:
             return
-        self._stop_status_timer()
-        if self._pending is not None:
-            self._apply_pending(run_id)
+        self._end_display()
         if self._outputs is not None:
             metadata = dict(self._outputs.metadata)
             metadata["energy_trace"] = {
