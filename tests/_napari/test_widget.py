@@ -55,6 +55,8 @@ def test_langevin_streams_into_three_layers(widget, qtbot):
         np.testing.assert_allclose(layer.scale, (4.0, 3.0, 2.0))
         np.testing.assert_allclose(layer.translate, (10.0, 20.0, 30.0))
     assert float(viewer.layers["cube std"].data.max()) > 0.0
+    assert "noise sigma" in widget.run_info.text()
+    assert "(estimated)" in widget.run_info.text()
 
 
 def test_output_metadata_keeps_trace(widget, qtbot):
@@ -70,6 +72,7 @@ def test_output_metadata_keeps_trace(widget, qtbot):
     assert len(rows) >= 1
     assert rows[-1][1] < rows[0][1]
     assert metadata["parameters"]["noise_sigma_used"] == pytest.approx(0.5)
+    assert "(given)" in widget.run_info.text()
     assert widget.plot.steps[-1] == rows[-1][0]
 
 

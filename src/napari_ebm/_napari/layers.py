@@ -1,12 +1,6 @@
 """Conversions between core volumes and napari layer data."""
 
-import logging
-
 import numpy as np
-
-from ..io import Volume
-
-logger = logging.getLogger(__name__)
 
 
 def volume_layer_data(volume, name):
@@ -44,15 +38,3 @@ def subsample_contrast_limits(data, max_voxels=2_000_000):
         high = low + 1.0
     return float(low), float(high)
 
-
-def layer_volume(layer):
-    """Return a :class:`napari_ebm.io.Volume` for a 3D image layer, with its scale and translate."""
-    metadata = layer.metadata.get("napari_ebm", {}) if isinstance(layer.metadata, dict) else {}
-    source = metadata.get("source_path")
-    return Volume(
-        data=np.asarray(layer.data),
-        voxel_size=tuple(float(s) for s in layer.scale[-3:]),
-        origin=tuple(float(t) for t in layer.translate[-3:]),
-        path=source,
-        is_stack=bool(metadata.get("is_stack", False)),
-    )

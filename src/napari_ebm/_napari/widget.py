@@ -48,9 +48,9 @@ DISPLAY_INTERVAL_SECONDS = 1.0
 FIRST_DISPLAY_SECONDS = 0.2
 
 # The next tick waits at least this many times the duration of the last one, so a slow display
-# takes at most about a tenth of the main thread. Between ticks the run copies no volumes, and
+# takes at most about a twentieth of the main thread. Between ticks the run copies no volumes, and
 # a snapshot that arrives while the display is busy replaces the older one.
-DISPLAY_BUDGET_FACTOR = 10.0
+DISPLAY_BUDGET_FACTOR = 20.0
 
 
 class WorkerFailure(EBMError):
@@ -181,6 +181,9 @@ class ReconstructionWidget(QWidget):
         self.progress.setFormat("%v / %m steps")
         self.status = QLabel("idle")
         self.status.setWordWrap(True)
+        self.run_info = QLabel("")
+        self.run_info.setWordWrap(True)
+        self.run_info.setToolTip("values the last run used, after 'auto' was resolved")
         self.plot = EnergyPlot()
         self._display_timer = QTimer(self)
         self._display_timer.setSingleShot(True)
@@ -233,6 +236,7 @@ class ReconstructionWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
+        layout.addWidget(self.run_info)
         layout.addWidget(self.plot)
         layout.addStretch(1)
 
@@ -347,9 +351,10 @@ class ReconstructionWidget(QWidget):
         self.progress.setRange(0, config.steps)
         self.progress.setValue(0)
         sigma_source = "estimated" if reconstruction.noise_sigma_estimated else "given"
-        self.status.setText(
-            f"starting: noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
-            f"step size {reconstruction.step_size:.4g}, device {reconstruction.device}"
+        self.status.setText("starting")
+        self.run_info.setText(
+            f"noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), step size {reconstruction.step_size:.4g}, "
+            f"seed {reconstruction.seed}, device {reconstruction.device}"
         )
 
         run_id = self._run_id
