@@ -148,7 +148,9 @@ def build_parser():
         description="Open napari with a tomogram (default: the real microtubule tomogram shipped with the "
         "package) and the EBM reconstruction widget docked.",
     )
-    view.add_argument("input", nargs="?", metavar="INPUT", help="MRC-family file to open (.mrc .rec .map .st .ali .mrcs)")
+    view.add_argument(
+        "input", nargs="?", metavar="INPUT", help="tomogram to open: an MRC-family file (.mrc .rec .map .st .ali .mrcs) or a TIFF"
+    )
     view.set_defaults(handler=run_view)
     return parser
 
@@ -326,8 +328,9 @@ def main(argv=None):
         except NonFiniteEnergyError as error:
             logger.debug("run diverged", exc_info=True)
             _print_error_line(
-                f"error: the energy became non-finite (NaN or infinite) at step {error.step}, so the run "
-                "stopped and no output was written. Lower --step-size, or --temperature for Langevin."
+                f"error: the energy became non-finite (NaN or infinite) at step {error.step} with step size "
+                f"{error.step_size:.4g}, so the run stopped and no output was written. "
+                "Lower --step-size, or --temperature for Langevin."
             )
             return EXIT_FAILED
         except RunError as error:
@@ -398,16 +401,27 @@ def run_priors(args, command):
 
 
 def run_view(args, command):
-    """Open the napari viewer; return 0 when its window closes."""
-    if args.input is not None and not Path(args.input).is_file():
-        raise VolumeReadError(f"{args.input}: file not found; give the path of an MRC-family file")
+    """Open the napari viewer; return 0 when its window closes.
+
+    The input is read before napari starts, so a bad file gets the same one-line error and exit
+    code as in ``reconstruct``.
+    """
+    volume = None
+    if args.input is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            volume = read_volume(args.input)
+        for warning in caught:
+            if issubclass(warning.category, UserWarning) and not issubclass(warning.category, RuntimeWarning):
+                print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
+
     try:
         from ._napari.launch import open_viewer
     except ImportError as error:
         raise EBMError(
             f"napari is not installed ({error}); install it with: pip install 'napari-ebm[napari]'"
         ) from error
-    open_viewer(args.input)
+    open_viewer(volume)
     return EXIT_OK
 
 
@@ -450,13 +464,15 @@ def run_reconstruct(args, command):
     if written is None:
         return EXIT_FAILED
 
-    stopped = f"converged after {last.step} of {last.steps} steps" if last.converged else f"{last.step} steps"
+    step_word = "step" if last.step == 1 else "steps"
+    if last.converged:
+        stopped = f"converged after {last.step} of {last.steps} steps"
+    else:
+        stopped = f"{last.step} {step_word}"
     rate = timings["steps_per_second"]
     rate_text = f", {rate:.2f} steps/s" if rate is not None else ""
-    print(
-        f"wrote {', '.join(str(path) for path, _ in written)} (each with a .json sidecar): "
-        f"{stopped} in {run_seconds:.1f} s{rate_text}"
-    )
+    sidecars = "each with a .json sidecar" if len(written) > 1 else "with a .json sidecar"
+    print(f"wrote {', '.join(str(path) for path, _ in written)} ({sidecars}): {stopped} in {run_seconds:.1f} s{rate_text}")
     return EXIT_OK
 
 

@@ -39,4 +39,14 @@ class RunError(EBMError):
 
 
 class NonFiniteEnergyError(RunError):
-    """The energy or its gradient became NaN or infinite during a run."""
+    """The energy became NaN or infinite during a run.
+
+    Attributes
+    ----------
+    step_size : float or None
+        The step size in use, in normalised units.
+    """
+
+    def __init__(self, message, step, last_snapshot=None, step_size=None):
+        super().__init__(message, step, last_snapshot)
+        self.step_size = step_size

@@ -79,7 +79,7 @@ class RunConfig:
     """
 
     method: str = "map"
-    operator: str = "denoise"
+    operator: str = "wedge"
     tilt_range: tuple = (-60.0, 60.0)
     prior: str = "tv"
     prior_options: dict = field(default_factory=dict)
@@ -259,6 +259,11 @@ class Reconstruction:
         data = np.asarray(observed, dtype=np.float32)
         if data.ndim != 3:
             raise ParameterError(f"the volume must be 3D (z, y, x), got shape {data.shape}")
+        if min(data.shape) < 2:
+            raise ParameterError(f"the volume of shape {data.shape} is too thin: every side needs at least 2 voxels")
+        non_finite = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if non_finite:
+            raise ParameterError(f"the volume contains {non_finite} NaN or infinite voxels; replace them before a run")
         self.shape = data.shape
 
         self.offset, self.scale = 0.0, 1.0
@@ -381,7 +386,7 @@ class Reconstruction:
                     finite_step, finite_terms, point = finite_point
                     last = self._snapshot(finite_step, finite_terms, point, moments, started, with_volumes=True)
                     yield last
-                raise NonFiniteEnergyError(message, step, last)
+                raise NonFiniteEnergyError(message, step, last, step_size=self.step_size)
             finite_point = (step, terms, evaluated)
 
             if config.method == "langevin" and step > config.burn_in and (step - config.burn_in) % config.thin == 0:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from napari.utils.notifications import NotificationSeverity, notification_manager
 
+from napari_ebm._napari.launch import open_viewer
 from napari_ebm.io import read_volume
 
 pytestmark = pytest.mark.gui
@@ -97,3 +98,15 @@ def test_phantom_sample_has_ground_truth(make_napari_viewer):
     names = [layer.name for layer in viewer.layers]
     assert names == ["phantom ground truth", "phantom observed"]
     assert viewer.layers["phantom observed"].data.shape == (64, 64, 64)
+
+
+def test_open_viewer_docks_widget(qtbot):
+    viewer = open_viewer(run=False)
+    try:
+        dock_names = list(viewer.window.dock_widgets)
+        widget = viewer.window.dock_widgets[dock_names[0]]
+        assert [layer.name for layer in viewer.layers] == ["microtubule_13pf"]
+        assert any("EBM reconstruction" in name for name in dock_names)
+        assert widget.input_combo.currentText() == "microtubule_13pf"
+    finally:
+        viewer.close()

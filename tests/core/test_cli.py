@@ -469,3 +469,23 @@ def test_module_error_has_no_traceback(tmp_path):
     assert result.stderr.startswith("napari-ebm: error:")
     assert str(missing) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, content, phrase", [("fake.mrc", b"not a volume\n", "1024-byte header"), ("notes.txt", b"text\n", "suffix")])
+def test_view_bad_input_exits_2(tmp_path, capsys, name, content, phrase):
+    path = tmp_path / name
+    path.write_bytes(content)
+
+    code, _, err = run_cli(capsys, "view", str(path))
+
+    assert code == 2
+    assert name in err
+    assert phrase in err
+    assert "Traceback" not in err
+
+
+def test_view_missing_file_exits_2(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "view", str(tmp_path / "nope.mrc"))
+
+    assert code == 2
+    assert "nope.mrc" in err

@@ -164,6 +164,19 @@ def test_invalid_parameter_rejected(overrides, name):
         Reconstruction(observed_volume((8, 8, 8)), gaussian_config(**overrides))
 
 
+def test_non_finite_volume_rejected():
+    volume = observed_volume((8, 8, 8))
+    volume[2, 3, 4] = np.nan
+
+    with pytest.raises(ParameterError, match="1 NaN or infinite"):
+        Reconstruction(volume, gaussian_config())
+
+
+def test_thin_volume_rejected():
+    with pytest.raises(ParameterError, match="too thin"):
+        Reconstruction(observed_volume((1, 8, 8)), gaussian_config())
+
+
 def test_cuda_without_gpu_rejected():
     import torch
 

@@ -1,22 +1,23 @@
 """Open a napari viewer with a tomogram and the "EBM reconstruction" widget docked."""
 
 import logging
-from pathlib import Path
 
 import napari
 
 from ..datasets import microtubule_path
+from ..io import read_volume
+from .layers import volume_layer_data
 
 logger = logging.getLogger(__name__)
 
 
-def open_viewer(path=None, run=True):
-    """Open ``path`` (default: the shipped microtubule tomogram) and dock the widget.
+def open_viewer(volume=None, run=True):
+    """Show ``volume`` (default: the shipped microtubule tomogram) with the widget docked.
 
     Parameters
     ----------
-    path : str or Path, optional
-        A file of the MRC family, opened with this plugin's reader.
+    volume : napari_ebm.io.Volume, optional
+        A volume read with :func:`napari_ebm.io.read_volume`.
     run : bool
         Start napari's event loop and return when the window closes.
 
@@ -24,13 +25,15 @@ def open_viewer(path=None, run=True):
     -------
     napari.Viewer
     """
-    path = Path(path) if path is not None else Path(str(microtubule_path()))
-    viewer = napari.Viewer(title=f"napari-ebm: {path.name}")
-    layers = viewer.open(path, plugin="napari-ebm")
+    if volume is None:
+        volume = read_volume(microtubule_path())
+    name = volume.path.stem if volume.path is not None else "volume"
+    viewer = napari.Viewer(title=f"napari-ebm: {name}")
+    data, attributes, _ = volume_layer_data(volume, name)
+    layer = viewer.add_image(data, **attributes)
     _, widget = viewer.window.add_plugin_dock_widget("napari-ebm", "EBM reconstruction")
-    if layers:
-        widget.input_combo.setCurrentText(layers[0].name)
-    logger.debug("viewer opened with %s", path)
+    widget.input_combo.setCurrentText(layer.name)
+    logger.debug("viewer opened with %s", volume.path)
     if run:
         napari.run()
     return viewer

@@ -67,6 +67,8 @@ class OutputLayers:
             translate=self.input_layer.translate,
             contrast_limits=limits,
             colormap="magma" if is_std else "gray",
+            # The std map would cover the mean and the sample, so it starts hidden.
+            visible=not is_std,
             units=self.input_layer.units,
             metadata={"napari_ebm": self.metadata},
         )

@@ -56,8 +56,9 @@ DISPLAY_BUDGET_FACTOR = 20.0
 class WorkerFailure(EBMError):
     """An unexpected error inside a run, re-raised so napari's worker reports it.
 
-    napari's worker swallows a RuntimeError raised by the generator (it takes it for a
-    deleted Qt object), so every error leaves the generator as this type instead.
+    The GeneratorWorker that napari uses (superqt 0.9) drops a RuntimeError raised by the
+    generator without emitting ``errored`` or ``finished``, because it takes it for a deleted
+    Qt object. Every error therefore leaves the generator as this type instead.
     """
 
 
@@ -136,8 +137,8 @@ class ReconstructionWidget(QWidget):
         self.operator_combo.setToolTip("denoise: no missing wedge; wedge: single-axis tilt about Y")
         self.operator_combo.currentTextChanged.connect(self._update_enabled)
 
-        self.tilt_min = self._double_spin(-90.0, 90.0, -60.0, 1, " deg")
-        self.tilt_max = self._double_spin(-90.0, 90.0, 60.0, 1, " deg")
+        self.tilt_min = self._double_spin(-90.0, 90.0, -60.0, 1)
+        self.tilt_max = self._double_spin(-90.0, 90.0, 60.0, 1)
 
         self.prior_combo = QComboBox()
 
@@ -162,7 +163,9 @@ class ReconstructionWidget(QWidget):
         self.burn_in_spin = self._int_spin(0, 10_000_000, 50)
         self.burn_in_spin.setToolTip("Langevin steps discarded before the mean and std start")
         self.thin_spin = self._int_spin(1, 1_000_000, 1)
-        self.seed_spin = self._int_spin(0, 2**31 - 1, 0)
+        self.seed_spin = self._int_spin(-1, 2**31 - 1, -1)
+        self.seed_spin.setSpecialValueText("random")
+        self.seed_spin.setToolTip("seed of the run's random generator; 'random' draws one, shown after Start")
 
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
@@ -212,7 +215,7 @@ class ReconstructionWidget(QWidget):
         tilt = QHBoxLayout()
         tilt.addWidget(self.tilt_min)
         tilt.addWidget(self.tilt_max)
-        form.addRow("tilt range", tilt)
+        form.addRow("tilt range (deg)", tilt)
         form.addRow("prior", self.prior_combo)
         form.addRow("weight", self.weight_spin)
         form.addRow("noise sigma", self.sigma_edit)
@@ -308,7 +311,7 @@ class ReconstructionWidget(QWidget):
             temperature=self.temperature_spin.value(),
             burn_in=self.burn_in_spin.value(),
             thin=self.thin_spin.value(),
-            seed=self.seed_spin.value(),
+            seed=None if self.seed_spin.value() < 0 else self.seed_spin.value(),
             device=self.device_combo.currentText(),
             normalize=self.normalize_check.isChecked(),
             preview_every=self.steps_spin.value(),
