@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 # The display (output layers, progress bar, status line and energy plot) is refreshed in one
 # tick, because with software OpenGL every repaint of the window recomposes the whole canvas.
 # Refreshing the status four times a second and the layers once a second separately cost 25 %
-# of the steps per second of a 64^3 run on 2 CPU cores (benchmarks/bench_speed.py).
-DISPLAY_INTERVAL_SECONDS = 1.0
+# of the steps per second of a 64^3 run on 2 CPU cores, and one joint tick per second still
+# cost 12 to 15 % (benchmarks/bench_speed.py), so the tick comes every 2 s.
+DISPLAY_INTERVAL_SECONDS = 2.0
 
 # The first tick comes sooner, so the output layers appear soon after Start.
 FIRST_DISPLAY_SECONDS = 0.2
