@@ -15,6 +15,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
+    QAbstractSpinBox,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -140,6 +141,9 @@ class ReconstructionWidget(QWidget):
 
         self.tilt_min = self._double_spin(-90.0, 90.0, -60.0, 1)
         self.tilt_max = self._double_spin(-90.0, 90.0, 60.0, 1)
+        for spin in (self.tilt_min, self.tilt_max):
+            # Two spin boxes share a row; without the arrow buttons "-60.0" fits.
+            spin.setButtonSymbols(QAbstractSpinBox.ButtonSymbols.NoButtons)
 
         self.prior_combo = QComboBox()
 
