@@ -164,7 +164,11 @@ def resolve_device(name):
     cuda = torch.cuda.is_available()
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+        if cuda:
+            return torch.device("cuda")
+        if mps:
+            return torch.device("mps")
+        return torch.device("cpu")
     if name == "cuda" and not cuda:
         raise ParameterError(
             f"device 'cuda' was requested, but torch {torch.__version__} finds no CUDA GPU on this "

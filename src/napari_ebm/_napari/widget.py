@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 # The display (output layers, progress bar, status line and energy plot) is refreshed in one
 # tick, because with software OpenGL every repaint of the window recomposes the whole canvas.
 # Refreshing the status four times a second and the layers once a second separately cost 25 %
-# of the steps per second of a 64^3 run on 2 CPU cores, and one joint tick per second still
-# cost 12 to 15 % (benchmarks/bench_speed.py), so the tick comes every 2 s.
+# of the steps per second of a 64^3 run on 2 CPU cores. One joint tick per second still cost
+# 12 to 15 % (benchmarks/bench_speed.py), so the tick comes every 2 s.
 DISPLAY_INTERVAL_SECONDS = 2.0
 
 # The first tick comes sooner, so the output layers appear soon after Start.
@@ -302,7 +302,7 @@ class ReconstructionWidget(QWidget):
         Raises
         ------
         ParameterError
-            If a text field holds an invalid value.
+            If a text field contains an invalid value.
         """
         return RunConfig(
             method=self.method_combo.currentText(),
@@ -329,8 +329,8 @@ class ReconstructionWidget(QWidget):
     def start(self):
         """Validate the controls, prepare the run and start it in a worker thread.
 
-        Returns True when a worker started. Invalid input gives an error notification and the
-        status line says why; no worker starts.
+        Returns True when a worker started. Invalid input gives an error notification, the
+        status line shows the reason, and no worker starts.
         """
         if self._worker is not None:
             return False
