@@ -24,7 +24,8 @@ from . import __version__
 from .errors import EBMError, NonFiniteEnergyError, ParameterError, RunError, VolumeReadError, VolumeWriteError
 from .io import MRC_SUFFIXES, read_volume, write_mrc
 from .operators import OPERATORS
-from .priors import PRIORS, list_priors
+from .prior_files import list_available_priors
+from .priors import PRIORS
 from .run import DEVICES, METHODS, Reconstruction, RunConfig, validate_config
 from .sidecar import build_record, sidecar_path, utc_timestamp, write_sidecar, write_text_atomically
 
@@ -185,14 +186,15 @@ def _add_reconstruct_arguments(parser):
         "--prior",
         default="tv",
         metavar="NAME",
-        help=f"prior: one of {', '.join(PRIORS.names())}; 'napari-ebm priors' describes them (default: tv)",
+        help=f"prior: one of {', '.join(PRIORS.names())}, the name of an installed prior file, or the path of a "
+        "trained prior (.safetensors with its .json beside it); 'napari-ebm priors' lists them (default: tv)",
     )
     model.add_argument(
         "--weight",
         type=finite_float,
-        default=1.0,
+        default=None,
         metavar="W",
-        help="prior weight, >= 0, dimensionless (default: 1.0)",
+        help="prior weight, >= 0, dimensionless (default: the prior file's recommended weight, or 1.0 for l2, smooth and tv)",
     )
     model.add_argument(
         "--noise-sigma",
@@ -388,11 +390,12 @@ def _print_error_line(message):
 
 
 def run_priors(args, command):
-    """Print one prior per line: its name, then its description."""
-    priors = list_priors()
-    width = max(len(name) for name, _ in priors)
-    for name, description in priors:
-        print(f"{name:<{width}}  {description}")
+    """Print one prior per line: its name, then its description and training voxel size."""
+    priors = list_available_priors()
+    width = max(len(name) for name, _, _ in priors)
+    for name, description, voxel_size in priors:
+        trained_at = f" (trained at {voxel_size:g} A per voxel)" if voxel_size is not None else ""
+        print(f"{name:<{width}}  {description}{trained_at}")
     return EXIT_OK
 
 

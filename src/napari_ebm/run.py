@@ -20,7 +20,7 @@ from . import __version__
 from .energy import PosteriorEnergy, estimate_noise_sigma
 from .errors import NonFiniteEnergyError, ParameterError, RunError
 from .operators import OPERATORS, create_operator
-from .priors import PRIORS, create_prior
+from .prior_files import recommended_weight, resolve_prior
 from .samplers import GaussianNoise, MapState, RunningMoments, langevin_step, map_step
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ class RunConfig:
         Registered prior name.
     prior_options : dict
         Keyword arguments of the prior (for example {"eps": 0.1} for "tv").
-    weight : float
-        Prior weight, >= 0.
+    weight : float or None
+        Prior weight, >= 0. None uses the prior file's recommended weight, or 1 for a
+        hand-made prior.
     noise_sigma : float or None
         Noise standard deviation in the input's intensity units; None estimates it.
     steps : int
@@ -83,7 +84,7 @@ class RunConfig:
     tilt_range: tuple = (-60.0, 60.0)
     prior: str = "tv"
     prior_options: dict = field(default_factory=dict)
-    weight: float = 1.0
+    weight: float | None = None
     noise_sigma: float | None = None
     steps: int = 100
     step_size: float | None = None
@@ -122,9 +123,10 @@ def validate_config(config):
     """
     _require(config.method in METHODS, "method", config.method, f"choose one of {', '.join(METHODS)}")
     _require(config.operator in OPERATORS, "operator", config.operator, f"choose one of {', '.join(OPERATORS.names())}")
-    _require(config.prior in PRIORS, "prior", config.prior, f"choose one of {', '.join(PRIORS.names())}")
+    _require(isinstance(config.prior, str) and config.prior.strip() != "", "prior", config.prior, "give a prior name or the path of a .safetensors file")
     _require(config.device in DEVICES, "device", config.device, f"choose one of {', '.join(DEVICES)}")
-    _require(_is_number(config.weight) and config.weight >= 0, "weight", config.weight, "must be a finite number >= 0")
+    if config.weight is not None:
+        _require(_is_number(config.weight) and config.weight >= 0, "weight", config.weight, "must be a finite number >= 0, or unset for the prior's recommended weight")
     if config.noise_sigma is not None:
         _require(
             _is_number(config.noise_sigma) and config.noise_sigma > 0,
@@ -288,8 +290,13 @@ class Reconstruction:
         self.noise_sigma = sigma * self.scale
 
         operator = create_operator(config.operator, self.shape, config.tilt_range, device=self.device)
-        prior = create_prior(config.prior, **config.prior_options).to(self.device)
-        self.energy = PosteriorEnergy(operator, prior, observed_normalised, sigma, config.weight)
+        prior = resolve_prior(config.prior, **config.prior_options).to(self.device)
+        recommended = recommended_weight(prior)
+        if config.weight is not None:
+            self.weight = config.weight
+        else:
+            self.weight = recommended if recommended is not None else 1.0
+        self.energy = PosteriorEnergy(operator, prior, observed_normalised, sigma, self.weight)
         self.initial = observed_normalised
         self._preview_requested = False
         self._latest = None
@@ -327,6 +334,7 @@ class Reconstruction:
         values.update(
             seed=self.seed,
             step_size_used=self.step_size,
+            weight_used=self.weight,
             noise_sigma_used=self.noise_sigma,
             noise_sigma_estimated=self.noise_sigma_estimated,
             device_used=str(self.device),

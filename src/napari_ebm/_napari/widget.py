@@ -19,6 +19,7 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -32,7 +33,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import EBMError, ParameterError
 from ..operators import OPERATORS
-from ..priors import PRIORS
+from ..prior_files import list_available_priors
 from ..run import DEVICES, METHODS, Reconstruction, RunConfig
 from .plot import EnergyPlot
 from .streaming import OutputLayers
@@ -53,6 +54,10 @@ FIRST_DISPLAY_SECONDS = 0.2
 # takes at most about a twentieth of the main thread. Between ticks the run copies no volumes, and
 # a snapshot that arrives while the display is busy replaces the older one.
 DISPLAY_BUDGET_FACTOR = 20.0
+
+
+# Last entry of the prior list, which opens a file dialog for a .safetensors prior file.
+BROWSE_ITEM = "Browse..."
 
 
 class WorkerFailure(EBMError):
@@ -146,9 +151,14 @@ class ReconstructionWidget(QWidget):
             spin.setButtonSymbols(QAbstractSpinBox.ButtonSymbols.NoButtons)
 
         self.prior_combo = QComboBox()
+        self.prior_combo.currentTextChanged.connect(self._on_prior_chosen)
+        self._prior_choice = "tv"
 
-        self.weight_spin = self._double_spin(0.0, 1e6, 1.0, 4)
-        self.weight_spin.setToolTip("weight of the prior energy, >= 0")
+        self.weight_spin = self._double_spin(-1.0, 1e6, -1.0, 4)
+        self.weight_spin.setSpecialValueText("recommended")
+        self.weight_spin.setToolTip(
+            "weight of the prior energy, >= 0; 'recommended' uses the prior file's recommended weight, or 1 for l2, smooth and tv"
+        )
 
         self.sigma_edit = QLineEdit("auto")
         self.sigma_edit.setToolTip("noise standard deviation in the input's intensity units, or 'auto' to estimate it")
@@ -264,14 +274,34 @@ class ReconstructionWidget(QWidget):
         self.input_combo.blockSignals(False)
 
     def refresh_priors(self):
-        """Fill the prior list from the registry, with each description as tooltip."""
+        """Fill the prior list from the registry and the prior folders, then "Browse..."."""
         current = self.prior_combo.currentText() or "tv"
+        self.prior_combo.blockSignals(True)
         self.prior_combo.clear()
-        for index, name in enumerate(PRIORS.names()):
+        for name, description, voxel_size in list_available_priors():
+            if voxel_size is not None:
+                description = f"{description} (trained at {voxel_size:g} A per voxel)"
             self.prior_combo.addItem(name)
-            self.prior_combo.setItemData(index, PRIORS.describe(name), Qt.ItemDataRole.ToolTipRole)
-        if current in PRIORS:
-            self.prior_combo.setCurrentText(current)
+            self.prior_combo.setItemData(self.prior_combo.count() - 1, description, Qt.ItemDataRole.ToolTipRole)
+        self.prior_combo.addItem(BROWSE_ITEM)
+        self.prior_combo.setCurrentText(current if self.prior_combo.findText(current) >= 0 else "tv")
+        self._prior_choice = self.prior_combo.currentText()
+        self.prior_combo.blockSignals(False)
+
+    def _on_prior_chosen(self, text):
+        if text != BROWSE_ITEM:
+            self._prior_choice = text
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Open a trained prior", "", "Prior files (*.safetensors)")
+        self.prior_combo.blockSignals(True)
+        if path:
+            if self.prior_combo.findText(path) < 0:
+                self.prior_combo.insertItem(self.prior_combo.count() - 1, path)
+            self.prior_combo.setCurrentText(path)
+            self._prior_choice = path
+        else:
+            self.prior_combo.setCurrentText(self._prior_choice)
+        self.prior_combo.blockSignals(False)
 
     def _update_enabled(self, *_):
         running = self._worker is not None
@@ -309,7 +339,7 @@ class ReconstructionWidget(QWidget):
             operator=self.operator_combo.currentText(),
             tilt_range=(self.tilt_min.value(), self.tilt_max.value()),
             prior=self.prior_combo.currentText(),
-            weight=self.weight_spin.value(),
+            weight=None if self.weight_spin.value() < 0 else self.weight_spin.value(),
             noise_sigma=parse_optional_positive(self.sigma_edit.text(), "noise sigma"),
             steps=self.steps_spin.value(),
             step_size=parse_optional_positive(self.step_size_edit.text(), "step size"),
