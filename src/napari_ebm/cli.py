@@ -142,6 +142,16 @@ def build_parser():
     _add_reconstruct_arguments(reconstruct)
     reconstruct.set_defaults(handler=run_reconstruct)
 
+    train = subparsers.add_parser(
+        "train",
+        parents=[debug_parent],
+        help="train an energy prior by denoising score matching",
+        description="Train an energy prior by denoising score matching on phantoms or a folder of MRC volumes, "
+        "and write it as PRIOR.safetensors with PRIOR.json beside it.",
+    )
+    _add_train_arguments(train)
+    train.set_defaults(handler=run_train)
+
     view = subparsers.add_parser(
         "view",
         parents=[debug_parent],
@@ -401,6 +411,70 @@ def run_priors(args, command):
 
 # ---------------------------------------------------------------------------------------------
 # napari-ebm reconstruct
+
+
+def _add_train_arguments(parser):
+    parser.add_argument("--out", required=True, metavar="PRIOR.safetensors", help="prior file to write; its .json is written beside it")
+    parser.add_argument("--name", default=None, help="prior name (default: the file name without suffix)")
+    parser.add_argument("--data", default=None, metavar="FOLDER", help="folder of .mrc volumes to train on (default: synthetic phantoms)")
+    parser.add_argument("--iterations", type=integer, default=800, metavar="N", help="optimiser steps, > 0 (default: 800)")
+    parser.add_argument("--channels", type=integer, default=16, metavar="N", help="channels per hidden layer (default: 16)")
+    parser.add_argument("--depth", type=integer, default=4, metavar="N", help="hidden 3x3x3 convolution layers (default: 4)")
+    parser.add_argument("--patch-size", type=integer, default=24, metavar="N", help="training patch side in voxels (default: 24)")
+    parser.add_argument("--batch-size", type=integer, default=4, metavar="N", help="patches per iteration (default: 4)")
+    parser.add_argument(
+        "--noise-levels", type=finite_float, nargs="+", default=[0.2, 0.35, 0.5, 0.7], metavar="S",
+        help="DSM noise standard deviations in normalised units (default: 0.2 0.35 0.5 0.7)",
+    )
+    parser.add_argument("--learning-rate", type=finite_float, default=2e-3, metavar="LR", help="Adam learning rate (default: 0.002)")
+    parser.add_argument("--phantoms", type=integer, default=8, metavar="N", help="phantom volumes made without --data (default: 8)")
+    parser.add_argument("--voxel-size", type=finite_float, default=10.0, metavar="A", help="phantom voxel size in Angstrom (default: 10)")
+    parser.add_argument("--seed", type=integer, default=0, metavar="N", help="seed of initialisation, patches and noise (default: 0)")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (.safetensors) written every --checkpoint-every iterations")
+    parser.add_argument("--checkpoint-every", type=integer, default=100, metavar="N", help="iterations between checkpoints (default: 100)")
+    parser.add_argument("--resume", default=None, metavar="PATH", help="checkpoint to resume from")
+    parser.add_argument("--loss-log", default=None, metavar="PATH.csv", help="write the loss per iteration to this CSV file")
+    parser.add_argument("--overwrite", action="store_true", help="allow replacing an existing prior file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_train(args, command):
+    """Train a prior and write it; return 0 on success."""
+    from .training import Trainer, TrainingConfig
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ParameterError(f"--out {out}: a prior file must end in .safetensors")
+    if not out.parent.is_dir():
+        raise ParameterError(f"--out {out}: the folder {out.parent} does not exist")
+    if not args.overwrite and (out.exists() or out.with_suffix(".json").exists()):
+        raise ParameterError(f"--out {out}: the prior file or its .json exists; choose another name or pass --overwrite")
+    if args.resume is not None and not Path(args.resume).is_file():
+        raise ParameterError(f"--resume {args.resume}: checkpoint file not found")
+
+    config = TrainingConfig(
+        iterations=args.iterations, patch_size=args.patch_size, batch_size=args.batch_size,
+        noise_levels=list(args.noise_levels), learning_rate=args.learning_rate, channels=args.channels,
+        depth=args.depth, phantoms=args.phantoms, voxel_size=args.voxel_size, data_folder=args.data, seed=args.seed,
+    )
+    trainer = Trainer(config, checkpoint=args.resume)
+    print(f"training on {trainer.data_description}, from iteration {trainer.iteration}")
+
+    losses = []
+    with tqdm(total=config.iterations, initial=trainer.iteration, desc="train", unit="it", file=sys.stderr, disable=args.quiet) as bar:
+        for snapshot in trainer.iterations():
+            losses.append((snapshot.iteration, snapshot.noise_level, snapshot.loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{snapshot.loss:.4f}")
+            if args.checkpoint and snapshot.iteration % args.checkpoint_every == 0:
+                trainer.save_checkpoint(args.checkpoint)
+
+    if args.loss_log:
+        rows = "".join(f"{iteration},{level},{loss}\n" for iteration, level, loss in losses)
+        write_text_atomically(Path(args.loss_log), "iteration,noise_level,loss\n" + rows)
+    trainer.save_prior(out, args.name or out.stem, " ".join(command))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return EXIT_OK
 
 
 def run_view(args, command):

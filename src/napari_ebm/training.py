@@ -1,0 +1,266 @@
+"""Training of energy priors by denoising score matching (DSM) over several noise levels.
+
+For a clean patch x, a noise level s and standard normal n, the noisy patch x + s n has the
+score -n / s, and DSM fits -grad E(x + s n) to it: the loss is the mean over voxels of
+|s grad E(x + s n) - n|^2 / 2 (Vincent, 2011, "A connection between score matching and
+denoising autoencoders"), averaged over the noise levels. Training yields one
+:class:`TrainingSnapshot` per iteration, like a reconstruction run, and saves resumable
+checkpoints as safetensors files.
+"""
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import ParameterError
+from .io import read_volume
+from .networks import ConvEnergy
+from .phantom import make_phantom
+from .prior_files import save_prior
+
+logger = logging.getLogger(__name__)
+
+# Phantom seeds from this value on are used for training; smaller seeds are kept for evaluation,
+# so a held-out phantom is never seen in training.
+TRAINING_SEED_OFFSET = 1000
+
+
+@dataclass
+class TrainingConfig:
+    """Parameters of a training run.
+
+    Attributes
+    ----------
+    iterations : int
+        Optimiser steps, > 0.
+    patch_size : int
+        Side of the cubic training patches in voxels, >= 8.
+    batch_size : int
+        Patches per iteration, >= 1.
+    noise_levels : list of float
+        DSM noise standard deviations, in normalised units (the clean volumes have std 1).
+    learning_rate : float
+        Adam learning rate, > 0.
+    channels, depth : int
+        Network size (see :class:`napari_ebm.networks.ConvEnergy`).
+    quadratic : float
+        Weight of the quadratic term of the energy.
+    phantoms : int
+        Number of phantom volumes made when no data folder is given.
+    phantom_size : int
+        Side of each phantom volume in voxels.
+    voxel_size : float
+        Voxel size of the phantoms in Angstrom, recorded as the prior's training voxel size.
+    data_folder : str or None
+        Folder of MRC volumes to train on instead of phantoms.
+    seed : int
+        Seed of the network initialisation, the patch sampling and the noise.
+    """
+
+    iterations: int = 300
+    patch_size: int = 24
+    batch_size: int = 4
+    noise_levels: list = field(default_factory=lambda: [0.3, 0.5, 0.8])
+    learning_rate: float = 2e-3
+    channels: int = 8
+    depth: int = 3
+    quadratic: float = 0.01
+    phantoms: int = 6
+    phantom_size: int = 48
+    voxel_size: float = 10.0
+    data_folder: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class TrainingSnapshot:
+    """The state of training after one iteration."""
+
+    iteration: int
+    iterations: int
+    loss: float
+    noise_level: float
+
+
+def _normalise(volume):
+    volume = np.asarray(volume, dtype=np.float32)
+    return (volume - volume.mean()) / max(float(volume.std()), 1e-6)
+
+
+def training_volumes(config):
+    """Return the clean training volumes (normalised to mean 0, std 1) and a description.
+
+    Raises
+    ------
+    ParameterError
+        If the data folder does not exist or contains no MRC volume larger than a patch.
+    """
+    if config.data_folder is None:
+        volumes = [
+            _normalise(make_phantom((config.phantom_size,) * 3, config.voxel_size, seed=TRAINING_SEED_OFFSET + index))
+            for index in range(config.phantoms)
+        ]
+        description = (
+            f"{config.phantoms} synthetic phantoms of {config.phantom_size}^3 voxels at {config.voxel_size:g} A "
+            f"(napari_ebm.phantom, seeds {TRAINING_SEED_OFFSET} to {TRAINING_SEED_OFFSET + config.phantoms - 1})"
+        )
+        return volumes, description
+
+    folder = Path(config.data_folder)
+    if not folder.is_dir():
+        raise ParameterError(f"training data folder {folder} not found")
+    volumes = []
+    for path in sorted(folder.glob("*.mrc")):
+        volume = read_volume(path)
+        if min(volume.data.shape) >= config.patch_size:
+            volumes.append(_normalise(volume.data))
+    if not volumes:
+        raise ParameterError(f"{folder} contains no .mrc volume with every side >= {config.patch_size} voxels")
+    return volumes, f"{len(volumes)} MRC volumes from {folder}"
+
+
+def _sample_batch(volumes, config, generator):
+    patches = []
+    size = config.patch_size
+    for _ in range(config.batch_size):
+        volume = volumes[int(generator.integers(len(volumes)))]
+        corner = [int(generator.integers(0, n - size + 1)) for n in volume.shape]
+        patch = volume[corner[0] : corner[0] + size, corner[1] : corner[1] + size, corner[2] : corner[2] + size]
+        for axis in range(3):
+            if generator.random() < 0.5:
+                patch = np.flip(patch, axis=axis)
+        patches.append(np.ascontiguousarray(patch))
+    return torch.from_numpy(np.stack(patches))
+
+
+def dsm_loss(network, clean, noise_level, noise):
+    """Return the denoising score matching loss of ``network`` on a batch of clean patches."""
+    noisy = (clean + noise_level * noise).requires_grad_(True)
+    energy = network(noisy).sum()
+    (gradient,) = torch.autograd.grad(energy, noisy, create_graph=True)
+    return 0.5 * ((noise_level * gradient - noise) ** 2).mean()
+
+
+def estimate_lipschitz(network, volumes, config, iterations=10):
+    """Estimate the Lipschitz constant of grad E by power iteration on a training patch.
+
+    The result is the largest Hessian eigenvalue found at one patch, times 2 as a margin; it
+    is an estimate, not a bound.
+    """
+    patch = _sample_batch(volumes, config, np.random.default_rng(config.seed))[0]
+    vector = torch.randn(patch.shape, generator=torch.Generator().manual_seed(config.seed))
+    eigenvalue = 1.0
+    for _ in range(iterations):
+        vector = vector / vector.norm()
+        point = patch.clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(network(point.unsqueeze(0)).sum(), point, create_graph=True)
+        (product,) = torch.autograd.grad((gradient * vector).sum(), point)
+        eigenvalue = float((product * vector).sum())
+        vector = product.detach()
+    return 2.0 * max(abs(eigenvalue), config.quadratic, 1e-3)
+
+
+class Trainer:
+    """A prepared training run; :meth:`iterations` trains and yields snapshots.
+
+    Parameters
+    ----------
+    config : TrainingConfig
+    checkpoint : str or Path, optional
+        A checkpoint written by :meth:`save_checkpoint` to resume from.
+    """
+
+    def __init__(self, config, checkpoint=None):
+        if not (isinstance(config.iterations, int) and config.iterations > 0):
+            raise ParameterError(f"invalid number of iterations {config.iterations!r}: must be an integer > 0")
+        if not (isinstance(config.patch_size, int) and config.patch_size >= 8):
+            raise ParameterError(f"invalid patch size {config.patch_size!r}: must be an integer >= 8")
+        if not config.noise_levels or not all(s > 0 for s in config.noise_levels):
+            raise ParameterError(f"invalid noise levels {config.noise_levels!r}: give numbers > 0")
+
+        self.config = config
+        self.volumes, self.data_description = training_volumes(config)
+        torch.manual_seed(config.seed)
+        self.network = ConvEnergy(channels=config.channels, depth=config.depth, quadratic=config.quadratic)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
+        self.iteration = 0
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint)
+
+    def iterations(self):
+        """Train until ``config.iterations`` and yield one :class:`TrainingSnapshot` per iteration."""
+        config = self.config
+        while self.iteration < config.iterations:
+            # Every iteration draws from its own seeded generators, so a resumed run continues
+            # exactly as the uninterrupted one would.
+            generator = np.random.default_rng([config.seed, self.iteration])
+            clean = _sample_batch(self.volumes, config, generator)
+            noise_level = float(config.noise_levels[self.iteration % len(config.noise_levels)])
+            noise = torch.from_numpy(generator.standard_normal(clean.shape).astype(np.float32))
+
+            self.optimizer.zero_grad()
+            loss = dsm_loss(self.network, clean, noise_level, noise)
+            if not math.isfinite(loss.item()):
+                raise ParameterError(
+                    f"the training loss became non-finite at iteration {self.iteration + 1}; lower the learning rate"
+                )
+            loss.backward()
+            self.optimizer.step()
+            self.iteration += 1
+            yield TrainingSnapshot(self.iteration, config.iterations, loss.item(), noise_level)
+
+    def save_checkpoint(self, path):
+        """Write the network, the optimiser state and the iteration to ``path`` (.safetensors)."""
+        tensors = {f"network.{key}": value.detach().contiguous() for key, value in self.network.state_dict().items()}
+        state = self.optimizer.state_dict()
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().reshape(-1) if key == "step" else value.detach().contiguous()
+        save_file(tensors, str(path), metadata={"iteration": str(self.iteration), "config": json.dumps(asdict(self.config))})
+        logger.debug("checkpoint at iteration %d written to %s", self.iteration, path)
+
+    def _load_checkpoint(self, path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            self.iteration = int(handle.metadata()["iteration"])
+        tensors = load_file(str(path))
+        self.network.load_state_dict({key[len("network."):]: value for key, value in tensors.items() if key.startswith("network.")})
+        state = self.optimizer.state_dict()
+        for name, value in tensors.items():
+            if name.startswith("optimizer."):
+                _, index, key = name.split(".", 2)
+                entry = state["state"].setdefault(int(index), {})
+                entry[key] = value.reshape(()) if key == "step" else value
+        self.optimizer.load_state_dict(state)
+        logger.debug("resumed from %s at iteration %d", path, self.iteration)
+
+    def save_prior(self, path, name, command, description=None):
+        """Write the trained network as a prior file with its full metadata."""
+        config = self.config
+        metadata = {
+            "name": name,
+            "description": description or f"energy network trained by DSM on {self.data_description}",
+            "version": __version__,
+            "architecture": ConvEnergy.architecture,
+            "hyperparameters": self.network.hyperparameters,
+            "training_voxel_size": float(config.voxel_size),
+            "normalization": "each training volume scaled to mean 0 and standard deviation 1",
+            "noise_levels": [float(s) for s in config.noise_levels],
+            "objective": "denoising score matching over the noise levels (Vincent 2011)",
+            "data": self.data_description,
+            "command": command,
+            "seed": int(config.seed),
+            "recommended_weight": 1.0,
+            "recommended_temperature": 1.0,
+            "lipschitz_estimate": estimate_lipschitz(self.network, self.volumes, config),
+            "training": {key: value for key, value in asdict(config).items()},
+        }
+        return save_prior(path, self.network, metadata)

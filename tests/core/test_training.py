@@ -1,0 +1,113 @@
+"""Training by denoising score matching, checkpoints, and the quality metrics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_ebm.cli import main
+from napari_ebm.metrics import fourier_shell_correlation, psnr, ssim
+from napari_ebm.prior_files import load_prior
+from napari_ebm.training import Trainer, TrainingConfig
+
+
+def small_config(**overrides):
+    values = dict(iterations=6, patch_size=12, batch_size=2, channels=4, depth=2, phantoms=2, phantom_size=20, seed=3)
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def test_training_lowers_dsm_loss():
+    trainer = Trainer(small_config(iterations=60, learning_rate=5e-3))
+
+    losses = [snapshot.loss for snapshot in trainer.iterations()]
+
+    assert len(losses) == 60
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    uninterrupted = Trainer(small_config(iterations=6))
+    for _ in uninterrupted.iterations():
+        pass
+
+    first = Trainer(small_config(iterations=3))
+    for _ in first.iterations():
+        pass
+    first.save_checkpoint(tmp_path / "checkpoint.safetensors")
+    resumed = Trainer(small_config(iterations=6), checkpoint=tmp_path / "checkpoint.safetensors")
+    for _ in resumed.iterations():
+        pass
+
+    for key, value in uninterrupted.network.state_dict().items():
+        torch.testing.assert_close(resumed.network.state_dict()[key], value)
+
+
+def test_saved_prior_loads_with_metadata(tmp_path):
+    trainer = Trainer(small_config())
+    for _ in trainer.iterations():
+        pass
+
+    path = trainer.save_prior(tmp_path / "tiny.safetensors", "tiny", "napari-ebm train --out tiny.safetensors")
+    prior = load_prior(path)
+
+    assert prior.metadata["seed"] == 3
+    assert prior.metadata["training_voxel_size"] == 10.0
+    assert prior.metadata["command"] == "napari-ebm train --out tiny.safetensors"
+    assert prior.lipschitz > 0
+
+
+def test_train_command_writes_prior(tmp_path, capsys):
+    out = tmp_path / "cli_prior.safetensors"
+    log = tmp_path / "loss.csv"
+
+    code = main([
+        "train", "--out", str(out), "--iterations", "3", "--patch-size", "12", "--batch-size", "1",
+        "--channels", "4", "--depth", "2", "--phantoms", "1", "--loss-log", str(log), "--quiet",
+    ])
+
+    metadata = json.loads(out.with_suffix(".json").read_text())
+    assert code == 0
+    assert metadata["name"] == "cli_prior"
+    assert metadata["command"].startswith("napari-ebm train --out")
+    assert len(log.read_text().splitlines()) == 4
+
+
+def test_train_command_keeps_existing_prior(tmp_path, capsys):
+    out = tmp_path / "existing.safetensors"
+    out.write_bytes(b"keep me")
+
+    code = main(["train", "--out", str(out), "--iterations", "1", "--quiet"])
+
+    assert code == 2
+    assert out.read_bytes() == b"keep me"
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_fsc_of_identical_volumes_is_one():
+    volume = np.random.default_rng(0).normal(size=(16, 16, 16))
+
+    _, fsc = fourier_shell_correlation(volume, volume)
+
+    np.testing.assert_allclose(fsc, 1.0, atol=1e-9)
+
+
+def test_fsc_of_independent_noise_is_small():
+    rng = np.random.default_rng(0)
+
+    _, fsc = fourier_shell_correlation(rng.normal(size=(32, 32, 32)), rng.normal(size=(32, 32, 32)))
+
+    assert np.abs(fsc[4:]).max() < 0.2
+
+
+def test_psnr_and_ssim_rank_estimates():
+    rng = np.random.default_rng(0)
+    truth = np.zeros((16, 16, 16))
+    truth[4:12, 4:12, 4:12] = 1.0
+    close = truth + 0.05 * rng.normal(size=truth.shape)
+    far = truth + 0.5 * rng.normal(size=truth.shape)
+
+    assert psnr(close, truth) > psnr(far, truth)
+    assert ssim(close, truth) > ssim(far, truth)
+    assert ssim(truth, truth) == pytest.approx(1.0)
