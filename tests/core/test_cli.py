@@ -210,8 +210,18 @@ def test_priors_lists_one_per_line(capsys):
     names = [line.split()[0] for line in stdout.splitlines()]
 
     assert code == 0
-    assert names == ["l2", "smooth", "tv"]
+    assert names[:3] == ["l2", "smooth", "tv"]
+    assert "phantom_dsm" in names
     assert all(len(line.split(maxsplit=1)) == 2 for line in stdout.splitlines())
+
+
+def test_priors_shows_training_voxel_size(capsys):
+    _, stdout, _ = run_cli(capsys, "priors")
+
+    shipped = [line for line in stdout.splitlines() if line.startswith("phantom_dsm")]
+
+    assert len(shipped) == 1
+    assert "trained at 10 A per voxel" in shipped[0]
 
 
 def test_fallback_voxel_size_warns(tmp_path, capsys):
