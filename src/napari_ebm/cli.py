@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import EBMError, NonFiniteEnergyError, ParameterError, RunError, VolumeReadError, VolumeWriteError
-from .io import MRC_SUFFIXES, read_volume, write_mrc
+from .io import MRC_SUFFIXES, Volume, read_volume, write_mrc
 from .operators import OPERATORS
-from .prior_files import list_available_priors
+from .prior_files import list_available_priors, resolve_prior
+from .resample import fourier_resample, voxel_size_mismatch
 from .priors import PRIORS
 from .run import DEVICES, METHODS, Reconstruction, RunConfig, validate_config
 from .sidecar import build_record, sidecar_path, utc_timestamp, write_sidecar, write_text_atomically
@@ -301,6 +302,12 @@ def _add_reconstruct_arguments(parser):
         help="replace existing outputs and their sidecars; the input is never replaced (default: off)",
     )
     outputs.add_argument("--quiet", action="store_true", help="hide the progress bar (default: shown on stderr)")
+    outputs.add_argument(
+        "--resample",
+        action="store_true",
+        help="when a trained prior's training voxel size differs from the input's by more than 25 %%, resample "
+        "the input to it by Fourier cropping or padding; outputs are then written at that voxel size",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,11 +592,29 @@ def _prepare_run(args):
             "is a copy of the x voxel size"
         )
 
+    volume = _check_prior_voxel_size(config, volume, args.resample)
+
     try:
         reconstruction = Reconstruction(volume.data, config)
     except ParameterError as error:
         raise ParameterError(_with_option_names(str(error))) from error
     return input_path, volume, outputs, reconstruction
+
+
+def _check_prior_voxel_size(config, volume, resample):
+    """Warn about, or with ``resample`` remove, a mismatch with a trained prior's voxel size."""
+    prior = resolve_prior(config.prior, **config.prior_options)
+    message = voxel_size_mismatch(prior, volume.voxel_size)
+    if message is None:
+        return volume
+    if not resample:
+        _print_error_line(f"warning: {message}")
+        return volume
+
+    target = float(prior.metadata["training_voxel_size"])
+    data, voxel_size = fourier_resample(volume.data, volume.voxel_size, target)
+    print(f"resampled {volume.data.shape} at {volume.voxel_size[0]:.4g} A to {data.shape} at {voxel_size[0]:.4g} A")
+    return Volume(data=data, voxel_size=voxel_size, origin=volume.origin, path=volume.path, is_stack=volume.is_stack)
 
 
 def _describe_result(last):

@@ -204,3 +204,17 @@ def test_divergence_keeps_finite_layer(widget, qtbot):
     assert widget.status.text().startswith("failed")
     assert "non-finite at step" in widget.status.text()
     assert np.isfinite(widget.viewer.layers["cube MAP"].data).all()
+
+
+def test_learned_prior_voxel_mismatch_warns(widget, qtbot):
+    before = len(notification_manager.records)
+    widget.prior_combo.setCurrentText("phantom_dsm")
+    widget.method_combo.setCurrentText("map")
+    widget.steps_spin.setValue(2)
+
+    assert widget.start()
+    wait_idle(qtbot, widget)
+
+    messages = [str(n.message) for n in notification_manager.records[before:] if n.severity == NotificationSeverity.WARNING]
+    assert any("differs from the 10 A" in message for message in messages)
+    assert widget.viewer.layers["cube MAP"].data.shape == (32, 32, 32)

@@ -499,3 +499,25 @@ def test_view_missing_file_exits_2(tmp_path, capsys):
 
     assert code == 2
     assert "nope.mrc" in err
+
+
+def test_prior_voxel_mismatch_warns(tmp_path, capsys):
+    path = write_input(tmp_path / "fine.mrc", voxel_size=(4.0, 4.0, 4.0))
+
+    code, _, err = run_cli(capsys, "reconstruct", path, "--out", tmp_path / "out.mrc", "--prior", "phantom_dsm", "--steps", "2", "--quiet")
+
+    assert code == 0
+    assert "differs from the 10 A" in err
+
+
+def test_resample_writes_prior_voxel_size(tmp_path, capsys):
+    path = write_input(tmp_path / "fine.mrc", voxel_size=(4.0, 4.0, 4.0))
+    out = tmp_path / "out.mrc"
+
+    code, stdout, _ = run_cli(capsys, "reconstruct", path, "--out", out, "--prior", "phantom_dsm", "--steps", "2", "--resample", "--quiet")
+
+    with mrcfile.open(out) as mrc:
+        voxel_x = float(mrc.voxel_size.x)
+    assert code == 0
+    assert "resampled" in stdout
+    assert voxel_x == pytest.approx(10.0, rel=0.15)

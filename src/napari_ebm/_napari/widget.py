@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 from ..errors import EBMError, ParameterError
 from ..operators import OPERATORS
 from ..prior_files import list_available_priors
+from ..resample import voxel_size_mismatch
 from ..run import DEVICES, METHODS, Reconstruction, RunConfig
 from .plot import EnergyPlot
 from .streaming import OutputLayers
@@ -375,6 +376,11 @@ class ReconstructionWidget(QWidget):
         except EBMError as error:
             self._fail_before_start(str(error))
             return False
+
+        mismatch = voxel_size_mismatch(reconstruction.energy.prior, tuple(layer.scale[-3:]))
+        if mismatch is not None:
+            # NOTE: the widget only warns; resampling is offered on the command line (--resample).
+            show_warning(f"EBM reconstruction: {mismatch}")
 
         self._reconstruction = reconstruction
         self._run_id = reconstruction.run_id
