@@ -1,0 +1,206 @@
+"""Dock widget "Train prior": train an energy prior in the background with a live loss curve."""
+
+import logging
+
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import EBMError
+from ..prior_files import prior_folders
+from ..training import Trainer, TrainingConfig
+from .plot import EnergyPlot
+from .widget import WorkerFailure
+
+logger = logging.getLogger(__name__)
+
+
+def _consume(trainer):
+    try:
+        yield from trainer.iterations()
+    except EBMError:
+        raise
+    except Exception as error:  # noqa: BLE001 - forwarded to the main thread as a notification
+        raise WorkerFailure(f"{type(error).__name__}: {error}") from error
+
+
+class TrainPriorWidget(QWidget):
+    """Dock widget that trains a prior on phantoms or a folder of MRC volumes and saves it.
+
+    The prior is written to the per-user prior folder, so it appears in the prior list of the
+    "EBM reconstruction" widget. Stop ends training at the next iteration and saves nothing.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+    """
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self._worker = None
+        self._trainer = None
+        self._stopped = False
+        self._last = None
+
+        self.name_edit = QLineEdit("my_prior")
+        self.name_edit.setToolTip("name of the prior file, written to the per-user prior folder")
+        self.data_edit = QLineEdit("")
+        self.data_edit.setPlaceholderText("synthetic phantoms")
+        self.data_edit.setToolTip("folder of .mrc volumes to train on; empty trains on synthetic phantoms")
+        self.browse_button = QPushButton("Browse...")
+        self.browse_button.clicked.connect(self._browse)
+        self.iterations_spin = QSpinBox()
+        self.iterations_spin.setRange(1, 1_000_000)
+        self.iterations_spin.setValue(800)
+        self.voxel_spin = QDoubleSpinBox()
+        self.voxel_spin.setRange(0.1, 1000.0)
+        self.voxel_spin.setValue(10.0)
+        self.voxel_spin.setToolTip("voxel size of the phantoms in Angstrom")
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+
+        self.start_button = QPushButton("Start")
+        self.start_button.clicked.connect(self.start)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.clicked.connect(self.stop)
+        self.stop_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m iterations")
+        self.status = QLabel("idle")
+        self.status.setWordWrap(True)
+        self.plot = EnergyPlot()
+        self._timer = QTimer(self)
+        self._timer.setInterval(1000)
+        self._timer.timeout.connect(self._refresh)
+
+        data_row = QHBoxLayout()
+        data_row.addWidget(self.data_edit)
+        data_row.addWidget(self.browse_button)
+        form = QFormLayout()
+        form.addRow("prior name", self.name_edit)
+        form.addRow("training data", data_row)
+        form.addRow("iterations", self.iterations_spin)
+        form.addRow("phantom voxel size (A)", self.voxel_spin)
+        form.addRow("seed", self.seed_spin)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.stop_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(self.plot)
+        layout.addStretch(1)
+
+    def _browse(self):
+        folder = QFileDialog.getExistingDirectory(self, "Folder of MRC volumes")
+        if folder:
+            self.data_edit.setText(folder)
+
+    def output_path(self):
+        """Return the prior file path in the per-user prior folder for the name entered."""
+        return prior_folders()[1] / f"{self.name_edit.text().strip()}.safetensors"
+
+    def start(self):
+        """Prepare training and start it in a worker thread; return True when it started."""
+        if self._worker is not None:
+            return False
+        name = self.name_edit.text().strip()
+        try:
+            if not name or not name.replace("_", "").replace("-", "").isalnum():
+                raise EBMError(f"invalid prior name {name!r}: use letters, digits, '-' and '_'")
+            if self.output_path().exists():
+                raise EBMError(f"a prior named {name!r} exists at {self.output_path()}; choose another name")
+            config = TrainingConfig(
+                iterations=self.iterations_spin.value(),
+                voxel_size=self.voxel_spin.value(),
+                data_folder=self.data_edit.text().strip() or None,
+                seed=self.seed_spin.value(),
+                channels=16,
+                depth=4,
+                phantoms=8,
+                noise_levels=[0.2, 0.35, 0.5, 0.7],
+            )
+            self._trainer = Trainer(config)
+        except EBMError as error:
+            self.status.setText(f"not started: {error}")
+            show_error(f"Train prior not started: {error}")
+            return False
+
+        self._stopped = False
+        self._last = None
+        self.plot.clear()
+        self.progress.setRange(0, config.iterations)
+        self.status.setText(f"training on {self._trainer.data_description}")
+        worker = create_worker(_consume, self._trainer, _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(self._on_yielded)
+        worker.errored.connect(self._on_errored)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.start_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self._timer.start()
+        logger.debug("training of prior %r started", name)
+        worker.start()
+        return True
+
+    def stop(self):
+        """Stop training at the next iteration; nothing is saved."""
+        if self._worker is not None:
+            self._stopped = True
+            self._worker.quit()
+            logger.debug("training stop requested")
+
+    def is_running(self):
+        return self._worker is not None
+
+    def _on_yielded(self, snapshot):
+        self._last = snapshot
+        # The plot's "total" curve shows the loss; the other two stay empty.
+        self.plot.steps.append(snapshot.iteration)
+        self.plot.values["total"].append(snapshot.loss)
+        self.plot.values["data"].append(float("nan"))
+        self.plot.values["prior"].append(float("nan"))
+
+    def _refresh(self):
+        if self._last is not None:
+            self.progress.setValue(self._last.iteration)
+            self.status.setText(f"iteration {self._last.iteration}/{self._last.iterations}   loss {self._last.loss:.4f}")
+        self.plot.update()
+
+    def _on_errored(self, error):
+        logger.debug("training failed: %s", error)
+        self.status.setText(f"failed: {error}")
+        show_error(f"Train prior failed: {error}")
+        self._stopped = True
+
+    def _on_finished(self):
+        self._timer.stop()
+        self._refresh()
+        if not self._stopped and self._last is not None and self._last.iteration == self._last.iterations:
+            path = self.output_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._trainer.save_prior(path, path.stem, f"Train prior widget: {self._trainer.config}")
+            self.status.setText(f"saved {path}")
+            show_info(f"Train prior: saved {path}; it is listed in the EBM reconstruction widget")
+        elif self._stopped and not self.status.text().startswith("failed"):
+            self.status.setText("stopped; nothing saved")
+        self._worker = None
+        self.start_button.setEnabled(True)
+        self.stop_button.setEnabled(False)
+        logger.debug("training finished; widget idle")

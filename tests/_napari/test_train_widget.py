@@ -1,0 +1,53 @@
+"""The "Train prior" dock widget in a real napari viewer."""
+
+import pytest
+
+from napari_ebm._napari.train_widget import TrainPriorWidget
+from napari_ebm.prior_files import load_prior
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def train_widget(make_napari_viewer, tmp_path, monkeypatch):
+    monkeypatch.setattr("napari_ebm._napari.train_widget.prior_folders", lambda: [tmp_path / "package", tmp_path / "user"])
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-ebm", "Train prior")
+    return widget
+
+
+def test_train_widget_docks_from_manifest(train_widget):
+    assert isinstance(train_widget, TrainPriorWidget)
+
+
+def test_training_saves_loadable_prior(train_widget, qtbot, tmp_path):
+    train_widget.name_edit.setText("tiny")
+    train_widget.iterations_spin.setValue(3)
+
+    assert train_widget.start()
+    qtbot.waitUntil(lambda: not train_widget.is_running(), timeout=120_000)
+
+    path = tmp_path / "user" / "tiny.safetensors"
+    assert train_widget.status.text() == f"saved {path}"
+    assert load_prior(path).metadata["name"] == "tiny"
+    assert train_widget.plot.steps == [1, 2, 3]
+
+
+def test_stop_saves_nothing(train_widget, qtbot, tmp_path):
+    train_widget.name_edit.setText("stopped")
+    train_widget.iterations_spin.setValue(100_000)
+
+    train_widget.start()
+    qtbot.waitUntil(lambda: train_widget._last is not None, timeout=120_000)
+    train_widget.stop_button.click()
+    qtbot.waitUntil(lambda: not train_widget.is_running(), timeout=120_000)
+
+    assert train_widget.status.text() == "stopped; nothing saved"
+    assert not (tmp_path / "user" / "stopped.safetensors").exists()
+
+
+def test_invalid_name_not_started(train_widget):
+    train_widget.name_edit.setText("bad name/../x")
+
+    assert not train_widget.start()
+    assert train_widget.status.text().startswith("not started: invalid prior name")
