@@ -86,8 +86,8 @@ class LearnedPrior(Prior):
         self.metadata = metadata
         self.name = metadata["name"]
 
-        # NOTE: this bound is the one recorded at training time, estimated by power iteration
-        # on training patches, not a proven bound; the automatic step size relies on it.
+        # NOTE: this Lipschitz value is an estimate made at training time by power iteration on
+        # one training patch, not a proven bound. The automatic step size relies on it.
         self.lipschitz = float(metadata["lipschitz_estimate"])
 
     def forward(self, x):

@@ -1,9 +1,9 @@
 """Training of energy priors by denoising score matching (DSM) over several noise levels.
 
-For a clean patch x, a noise level s and standard normal n, the noisy patch x + s n has the
-score -n / s, and DSM fits -grad E(x + s n) to it: the loss is the mean over voxels of
-|s grad E(x + s n) - n|^2 / 2 (Vincent, 2011, "A connection between score matching and
-denoising autoencoders"), averaged over the noise levels. Training yields one
+For a clean patch x, a noise level s and standard normal n, the conditional score of the noisy
+patch x + s n is -n / s. DSM fits -grad E(x + s n) to it by minimising the mean over voxels of
+|s grad E(x + s n) - n|^2 / 2, averaged over the noise levels (Vincent, 2011, "A connection
+between score matching and denoising autoencoders"). Training yields one
 :class:`TrainingSnapshot` per iteration, like a reconstruction run, and saves resumable
 checkpoints as safetensors files.
 """
