@@ -111,3 +111,24 @@ def test_psnr_and_ssim_rank_estimates():
     assert psnr(close, truth) > psnr(far, truth)
     assert ssim(close, truth) > ssim(far, truth)
     assert ssim(truth, truth) == pytest.approx(1.0)
+
+
+def test_training_reads_mrc_folder(tmp_path):
+    import mrcfile
+
+    for index in range(2):
+        with mrcfile.new(tmp_path / f"volume{index}.mrc") as mrc:
+            mrc.set_data(np.random.default_rng(index).normal(size=(16, 16, 16)).astype(np.float32))
+
+    trainer = Trainer(small_config(data_folder=str(tmp_path), iterations=2))
+    losses = [snapshot.loss for snapshot in trainer.iterations()]
+
+    assert trainer.data_description == f"2 MRC volumes from {tmp_path}"
+    assert len(losses) == 2
+
+
+def test_empty_data_folder_rejected(tmp_path):
+    from napari_ebm.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="contains no .mrc volume"):
+        Trainer(small_config(data_folder=str(tmp_path)))
