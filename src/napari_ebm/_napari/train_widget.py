@@ -23,18 +23,9 @@ from ..errors import EBMError
 from ..prior_files import prior_folders
 from ..training import Trainer, TrainingConfig
 from .plot import EnergyPlot
-from .widget import WorkerFailure
+from .widget import forward_errors
 
 logger = logging.getLogger(__name__)
-
-
-def _consume(trainer):
-    try:
-        yield from trainer.iterations()
-    except EBMError:
-        raise
-    except Exception as error:  # noqa: BLE001 - forwarded to the main thread as a notification
-        raise WorkerFailure(f"{type(error).__name__}: {error}") from error
 
 
 class TrainPriorWidget(QWidget):
@@ -147,7 +138,7 @@ class TrainPriorWidget(QWidget):
         self.plot.clear()
         self.progress.setRange(0, config.iterations)
         self.status.setText(f"training on {self._trainer.data_description}")
-        worker = create_worker(_consume, self._trainer, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(forward_errors, self._trainer.iterations(), _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_yielded)
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)

@@ -70,9 +70,10 @@ class WorkerFailure(EBMError):
     """
 
 
-def _consume(reconstruction):
+def forward_errors(items):
+    """Yield from the iterator ``items``, re-raising unexpected errors as :class:`WorkerFailure`."""
     try:
-        yield from reconstruction.snapshots()
+        yield from items
     except EBMError:
         raise
     except Exception as error:  # noqa: BLE001 - forwarded to the main thread as a notification
@@ -402,7 +403,7 @@ class ReconstructionWidget(QWidget):
         )
 
         run_id = self._run_id
-        worker = create_worker(_consume, reconstruction, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(forward_errors, reconstruction.snapshots(), _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(lambda snapshot: self._on_yielded(run_id, snapshot))
         worker.errored.connect(lambda error: self._on_errored(run_id, error))
         worker.warned.connect(lambda warning: self._on_warned(run_id, warning))
