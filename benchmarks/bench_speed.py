@@ -7,9 +7,9 @@ Prints, for phantom volumes of 64^3 and 128^3 voxels on the CPU:
 2. steps per second of a Langevin run started from the "EBM reconstruction" widget, streaming
    into a napari viewer, divided by the same run consumed headless (target >= 0.9).
 
-Both ratios come from runs made side by side, alternating, in this one process; each round
-gives one ratio and the median over the rounds is reported, because the load of a shared
-machine changes from one second to the next. Part 2 needs an OpenGL display: run it as
+Both ratios come from runs made side by side, alternating, in this one process. Each round gives
+one ratio, and the median over the rounds is reported, because the load of a shared machine
+changes from one second to the next. Part 2 needs an OpenGL display: run it as
 
     xvfb-run -a .venv/bin/python benchmarks/bench_speed.py
 

@@ -287,7 +287,7 @@ def _add_reconstruct_arguments(parser):
     outputs.add_argument(
         "--std-out",
         metavar="PATH",
-        help="Langevin only: MRC file for the posterior standard deviation; OUT then holds the posterior mean "
+        help="Langevin only: MRC file for the posterior standard deviation; OUT then contains the posterior mean "
         "(default: not written)",
     )
     outputs.add_argument(

@@ -2,7 +2,7 @@
 
 E_data(x) = ||A x - y||^2 / (2 sigma^2), with the forward operator A, the observed tomogram y
 and the noise standard deviation sigma. The posterior density is p(x) proportional to
-exp(-E(x) / T); its normaliser is never computed, because MAP optimisation and Langevin sampling
+exp(-E(x) / T). Its normaliser is never computed, because MAP optimisation and Langevin sampling
 need only E and its gradient.
 """
 
@@ -99,10 +99,10 @@ class PosteriorEnergy:
 def estimate_noise_sigma(volume):
     """Estimate the standard deviation of white noise in a volume.
 
-    Uses the median absolute deviation of the finest Haar wavelet coefficients that are high-pass
-    along all three axes (Donoho's estimator, extended to 3D): each coefficient combines 2x2x2
-    neighbouring voxels with weights +-1/sqrt(8), so it carries the noise at full strength and
-    little of a smooth signal.
+    The estimate is the median absolute deviation of the finest Haar wavelet coefficients that
+    are high-pass along all three axes, divided by 0.6745 (Donoho's estimator, extended to 3D).
+    Each coefficient combines 2x2x2 neighbouring voxels with weights +-1/sqrt(8), so it carries
+    the noise at full strength and little of a smooth signal.
 
     Parameters
     ----------

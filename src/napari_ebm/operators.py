@@ -88,7 +88,7 @@ def wedge_mask(shape, tilt_range=(-60.0, 60.0), device="cpu"):
     kx = torch.fft.rfftfreq(nx, device=device).view(1, 1, -1)
     angle = torch.rad2deg(torch.atan2(kz, kx))
 
-    # kx >= 0 on the rfft grid, so atan2 lies in [-90, 90]. The column kx = 0 holds angles of
+    # kx >= 0 on the rfft grid, so atan2 lies in [-90, 90]. The column kx = 0 contains angles of
     # +-90, which are the same direction; it is measured only when the range reaches 90 or -90.
     vertical = kx == 0
     in_range = (angle >= low) & (angle <= high)
@@ -98,8 +98,8 @@ def wedge_mask(shape, tilt_range=(-60.0, 60.0), device="cpu"):
     mask = mask.expand(nz, shape[1], nx // 2 + 1).clone()
 
     # For even nx the last rfft column (kx = 1/2) is its own Hermitian partner with kz -> -kz.
-    # An asymmetric tilt range would measure only one of the two, so keep a frequency there only
-    # when its partner is measured too; otherwise the projection would not be real.
+    # An asymmetric tilt range would measure only one of the two, and the projection would then
+    # not be real. A frequency there is kept only when its partner is measured too.
     if nx % 2 == 0:
         partner = (-torch.arange(nz, device=device)) % nz
         mask[:, :, -1] &= mask[partner, :, -1]

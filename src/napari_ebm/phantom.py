@@ -23,9 +23,9 @@ def _coordinates(shape):
 def make_phantom(shape=(64, 64, 64), voxel_size=10.0, seed=0):
     """Make a phantom volume of shape (z, y, x) at ``voxel_size`` Angstrom per voxel.
 
-    Feature sizes are set in Angstrom and converted to voxels: the bilayer leaflets are 15 A
-    thick and 40 A apart, filaments have a 125 A radius (a microtubule seen at low resolution
-    is a hollow 250 A tube; these are solid), particles have radii of 50 to 100 A.
+    Feature sizes are set in Angstrom and converted to voxels. The bilayer leaflets are 15 A
+    thick and 40 A apart, and the particles have radii of 50 to 100 A. The filaments are solid
+    with a 125 A radius, the size of a microtubule, which is in fact a hollow 250 A tube.
 
     Parameters
     ----------

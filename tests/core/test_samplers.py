@@ -51,8 +51,8 @@ def test_map_reaches_mean_with_small_step():
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_langevin_matches_gaussian_moments(temperature):
-    # 24^3 independent voxel chains; after burn-in the time average per voxel estimates the
-    # posterior mean, and the spread over voxels of (sample - mean) gives the std very precisely.
+    # The volume is 24^3 independent voxel chains. After burn-in, the time average per voxel
+    # estimates the posterior mean, and the median over voxels of the sample std is precise.
     y = observed_volume()
     step_size = 0.2 / PRECISION
     expected_mean = y / (SIGMA**2 * PRECISION)

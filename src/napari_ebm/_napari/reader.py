@@ -28,7 +28,7 @@ def read_layers(path):
     """Read one MRC file into an image layer with scale from the voxel size.
 
     A file that cannot be read gives one error notification naming the file and the problem,
-    and no layer; warnings (for example a voxel size of 0 replaced by 1 A) become warning
+    and no layer. Warnings, for example a voxel size of 0 replaced by 1 A, become warning
     notifications.
     """
     if isinstance(path, (list, tuple)):
