@@ -146,8 +146,8 @@ def build_parser():
     train = subparsers.add_parser(
         "train",
         parents=[debug_parent],
-        help="train an energy prior by denoising score matching",
-        description="Train an energy prior by denoising score matching on phantoms or a folder of MRC volumes, "
+        help="train an energy prior by denoising score matching (optionally with contrastive divergence)",
+        description="Train an energy prior by denoising score matching (optionally with contrastive divergence) on phantoms or a folder of MRC volumes, "
         "and write it as PRIOR.safetensors with PRIOR.json beside it.",
     )
     _add_train_arguments(train)
@@ -434,6 +434,13 @@ def _add_train_arguments(parser):
         help="DSM noise standard deviations in normalised units (default: 0.2 0.35 0.5 0.7)",
     )
     parser.add_argument("--learning-rate", type=finite_float, default=2e-3, metavar="LR", help="Adam learning rate (default: 0.002)")
+    parser.add_argument(
+        "--objective", choices=["dsm", "dsm+cd"], default="dsm",
+        help="dsm: denoising score matching; dsm+cd: DSM plus contrastive divergence with short Langevin chains (default: dsm)",
+    )
+    parser.add_argument("--cd-steps", type=integer, default=10, metavar="N", help="Langevin steps per contrastive divergence chain (default: 10)")
+    parser.add_argument("--cd-step-size", type=finite_float, default=0.01, metavar="S", help="Langevin step size of the chains (default: 0.01)")
+    parser.add_argument("--cd-weight", type=finite_float, default=1.0, metavar="W", help="weight of the contrastive divergence loss (default: 1)")
     parser.add_argument("--phantoms", type=integer, default=8, metavar="N", help="phantom volumes made without --data (default: 8)")
     parser.add_argument("--voxel-size", type=finite_float, default=10.0, metavar="A", help="phantom voxel size in Angstrom (default: 10)")
     parser.add_argument("--seed", type=integer, default=0, metavar="N", help="seed of initialisation, patches and noise (default: 0)")
@@ -463,6 +470,7 @@ def run_train(args, command):
         iterations=args.iterations, patch_size=args.patch_size, batch_size=args.batch_size,
         noise_levels=list(args.noise_levels), learning_rate=args.learning_rate, channels=args.channels,
         depth=args.depth, phantoms=args.phantoms, voxel_size=args.voxel_size, data_folder=args.data, seed=args.seed,
+        objective=args.objective, cd_steps=args.cd_steps, cd_step_size=args.cd_step_size, cd_weight=args.cd_weight,
     )
     trainer = Trainer(config, checkpoint=args.resume)
     print(f"training on {trainer.data_description}, from iteration {trainer.iteration}")

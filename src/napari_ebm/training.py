@@ -1,11 +1,19 @@
-"""Training of energy priors by denoising score matching (DSM) over several noise levels.
+"""Training of energy priors by denoising score matching (DSM), optionally with contrastive divergence.
 
 For a clean patch x, a noise level s and standard normal n, the conditional score of the noisy
 patch x + s n is -n / s. DSM fits -grad E(x + s n) to it by minimising the mean over voxels of
 |s grad E(x + s n) - n|^2 / 2, averaged over the noise levels (Vincent, 2011, "A connection
-between score matching and denoising autoencoders"). Training yields one
-:class:`TrainingSnapshot` per iteration, like a reconstruction run, and saves resumable
-checkpoints as safetensors files.
+between score matching and denoising autoencoders").
+
+The objective "dsm+cd" adds contrastive divergence (Hinton, 2002) with short Langevin chains
+started at the data: the mean per-voxel energy of the data minus that of the chains' end points,
+which lowers the energy of real patches and raises it where the sampler drifts, plus the squared
+energies as a regulariser (Du and Mordatch, 2019, "Implicit generation and modeling with
+energy-based models"). DSM shapes the score at the noise levels; CD shapes the energy near the
+clean data, where MAP ends and where Langevin samples at temperature 1.
+
+Training yields one :class:`TrainingSnapshot` per iteration, like a reconstruction run, and
+saves resumable checkpoints as safetensors files.
 """
 
 import json
@@ -26,6 +34,15 @@ from .phantom import make_phantom
 from .prior_files import save_prior
 
 logger = logging.getLogger(__name__)
+
+# Training objectives, with the text recorded in a prior's metadata.
+OBJECTIVES = {
+    "dsm": "denoising score matching over the noise levels (Vincent 2011)",
+    "dsm+cd": (
+        "denoising score matching over the noise levels (Vincent 2011) plus contrastive divergence "
+        "with short Langevin chains started at the data (Hinton 2002; Du and Mordatch 2019)"
+    ),
+}
 
 # Phantom seeds from this value on are used for training; smaller seeds are kept for evaluation,
 # so a held-out phantom is never seen in training.
@@ -62,6 +79,14 @@ class TrainingConfig:
         Folder of MRC volumes to train on instead of phantoms.
     seed : int
         Seed of the network initialisation, the patch sampling and the noise.
+    objective : str
+        "dsm" (denoising score matching) or "dsm+cd" (DSM plus contrastive divergence).
+    cd_weight : float
+        Weight of the contrastive divergence loss in "dsm+cd", > 0.
+    cd_steps : int
+        Langevin steps of each contrastive divergence chain, >= 1.
+    cd_step_size : float
+        Langevin step size of the chains in normalised units, > 0.
     """
 
     iterations: int = 300
@@ -77,6 +102,10 @@ class TrainingConfig:
     voxel_size: float = 10.0
     data_folder: str | None = None
     seed: int = 0
+    objective: str = "dsm"
+    cd_weight: float = 1.0
+    cd_steps: int = 10
+    cd_step_size: float = 0.01
 
 
 @dataclass
@@ -148,6 +177,40 @@ def dsm_loss(network, clean, noise_level, noise):
     return 0.5 * ((noise_level * gradient - noise) ** 2).mean()
 
 
+def langevin_chains(network, start, steps, step_size, generator):
+    """Run short Langevin chains on the energy ``network`` from ``start`` and return their ends.
+
+    Each step is x <- x - step_size / 2 * grad E(x) + sqrt(step_size) * n, with n drawn from the
+    numpy ``generator``. The result is detached: no gradient flows through the chains.
+    """
+    x = start.detach().clone()
+    for _ in range(steps):
+        x.requires_grad_(True)
+        (gradient,) = torch.autograd.grad(network(x).sum(), x)
+        noise = torch.from_numpy(generator.standard_normal(x.shape).astype(np.float32))
+        x = (x.detach() - 0.5 * step_size * gradient + math.sqrt(step_size) * noise).detach()
+    return x
+
+
+def cd_loss(network, clean, negative, regularisation=0.1):
+    """Return the contrastive divergence loss: data energy minus chain energy, per voxel.
+
+    Parameters
+    ----------
+    network : nn.Module
+        Energy network; returns one energy per volume of a batch.
+    clean, negative : torch.Tensor
+        Batches of data patches and of chain end points, both (batch, z, y, x).
+    regularisation : float
+        Weight of the squared per-voxel energies, which keeps both energies near 0.
+    """
+    voxels = clean[0].numel()
+    positive_energy = network(clean) / voxels
+    negative_energy = network(negative) / voxels
+    contrast = positive_energy.mean() - negative_energy.mean()
+    return contrast + regularisation * (positive_energy**2 + negative_energy**2).mean()
+
+
 def estimate_lipschitz(network, volumes, config, iterations=10):
     """Estimate the Lipschitz constant of grad E by power iteration on a training patch.
 
@@ -184,6 +247,14 @@ class Trainer:
             raise ParameterError(f"invalid patch size {config.patch_size!r}: must be an integer >= 8")
         if not config.noise_levels or not all(s > 0 for s in config.noise_levels):
             raise ParameterError(f"invalid noise levels {config.noise_levels!r}: give numbers > 0")
+        if config.objective not in OBJECTIVES:
+            raise ParameterError(f"unknown training objective {config.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if config.objective == "dsm+cd":
+            if not (isinstance(config.cd_steps, int) and config.cd_steps >= 1):
+                raise ParameterError(f"invalid CD chain length {config.cd_steps!r}: must be an integer >= 1")
+            for label, value in (("CD weight", config.cd_weight), ("CD step size", config.cd_step_size)):
+                if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                    raise ParameterError(f"invalid {label} {value!r}: must be a number > 0")
 
         self.config = config
         self.volumes, self.data_description = training_volumes(config)
@@ -207,6 +278,9 @@ class Trainer:
 
             self.optimizer.zero_grad()
             loss = dsm_loss(self.network, clean, noise_level, noise)
+            if config.objective == "dsm+cd":
+                negative = langevin_chains(self.network, clean, config.cd_steps, config.cd_step_size, generator)
+                loss = loss + config.cd_weight * cd_loss(self.network, clean, negative)
             if not math.isfinite(loss.item()):
                 raise ParameterError(
                     f"the training loss became non-finite at iteration {self.iteration + 1}; lower the learning rate"
@@ -247,14 +321,14 @@ class Trainer:
         config = self.config
         metadata = {
             "name": name,
-            "description": description or f"energy network trained by DSM on {self.data_description}",
+            "description": description or f"energy network trained by {config.objective.upper()} on {self.data_description}",
             "version": __version__,
             "architecture": ConvEnergy.architecture,
             "hyperparameters": self.network.hyperparameters,
             "training_voxel_size": float(config.voxel_size),
             "normalization": "each training volume scaled to mean 0 and standard deviation 1",
             "noise_levels": [float(s) for s in config.noise_levels],
-            "objective": "denoising score matching over the noise levels (Vincent 2011)",
+            "objective": OBJECTIVES[config.objective],
             "data": self.data_description,
             "command": command,
             "seed": int(config.seed),

@@ -9,7 +9,8 @@ import torch
 from napari_ebm.cli import main
 from napari_ebm.metrics import fourier_shell_correlation, psnr, ssim
 from napari_ebm.prior_files import load_prior
-from napari_ebm.training import Trainer, TrainingConfig
+from napari_ebm.errors import ParameterError
+from napari_ebm.training import Trainer, TrainingConfig, cd_loss, langevin_chains
 
 
 def small_config(**overrides):
@@ -132,3 +133,77 @@ def test_empty_data_folder_rejected(tmp_path):
 
     with pytest.raises(ParameterError, match="contains no .mrc volume"):
         Trainer(small_config(data_folder=str(tmp_path)))
+
+
+class QuadraticEnergy(torch.nn.Module):
+    """E(x) = a |x|^2 / 2 per volume; its Boltzmann density is Gaussian with variance 1 / a."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x):
+        return 0.5 * self.a * (x * x).flatten(1).sum(1)
+
+
+def test_cd_chains_sample_a_gaussian_energy():
+    start = torch.full((2, 16, 16, 16), 3.0)
+
+    ends = langevin_chains(QuadraticEnergy(4.0), start, steps=400, step_size=0.05, generator=np.random.default_rng(0))
+
+    # The unadjusted chain's stationary variance is 1 / (a (1 - a step / 4)), 0.2632 here.
+    assert abs(float(ends.mean())) < 0.05
+    assert float(ends.var()) == pytest.approx(1.0 / (4.0 * (1.0 - 4.0 * 0.05 / 4.0)), rel=0.05)
+
+
+def test_cd_loss_is_the_energy_contrast():
+    energy = QuadraticEnergy(1.0)
+    clean = torch.zeros(1, 4, 4, 4)
+    negative = torch.ones(1, 4, 4, 4)
+
+    # Per voxel: data energy 0, chain energy 0.5, so the contrast is -0.5 and the penalty 0.1 * 0.25.
+    assert float(cd_loss(energy, clean, negative)) == pytest.approx(-0.5 + 0.1 * 0.25)
+    assert float(cd_loss(energy, clean, clean)) == pytest.approx(0.0)
+
+
+def test_dsm_cd_training_runs_resumes_and_records_objective(tmp_path):
+    config = small_config(iterations=4, objective="dsm+cd", cd_steps=3)
+    uninterrupted = Trainer(config)
+    for _ in uninterrupted.iterations():
+        pass
+    first = Trainer(small_config(iterations=2, objective="dsm+cd", cd_steps=3))
+    for _ in first.iterations():
+        pass
+    first.save_checkpoint(tmp_path / "checkpoint.safetensors")
+    resumed = Trainer(config, checkpoint=tmp_path / "checkpoint.safetensors")
+    for _ in resumed.iterations():
+        pass
+
+    for key, value in uninterrupted.network.state_dict().items():
+        torch.testing.assert_close(resumed.network.state_dict()[key], value)
+    path = resumed.save_prior(tmp_path / "cd.safetensors", "cd", "napari-ebm train --objective dsm+cd")
+    assert "contrastive divergence" in load_prior(path).metadata["objective"]
+
+
+def test_cd_changes_training():
+    dsm = Trainer(small_config(iterations=3))
+    both = Trainer(small_config(iterations=3, objective="dsm+cd", cd_steps=2))
+
+    dsm_losses = [snapshot.loss for snapshot in dsm.iterations()]
+    both_losses = [snapshot.loss for snapshot in both.iterations()]
+
+    assert dsm_losses[0] != both_losses[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"objective": "nce"}, "unknown training objective 'nce'"),
+        ({"objective": "dsm+cd", "cd_steps": 0}, "CD chain length 0"),
+        ({"objective": "dsm+cd", "cd_step_size": -1.0}, "CD step size -1.0"),
+        ({"objective": "dsm+cd", "cd_weight": float("nan")}, "CD weight nan"),
+    ],
+)
+def test_bad_objective_settings_rejected(overrides, message):
+    with pytest.raises(ParameterError, match=message):
+        Trainer(small_config(**overrides))

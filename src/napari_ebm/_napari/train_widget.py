@@ -6,6 +6,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
+    QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
@@ -21,7 +22,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import EBMError
 from ..prior_files import prior_folders
-from ..training import Trainer, TrainingConfig
+from ..training import OBJECTIVES, Trainer, TrainingConfig
 from .plot import EnergyPlot
 from .widget import forward_errors
 
@@ -63,6 +64,12 @@ class TrainPriorWidget(QWidget):
         self.voxel_spin.setToolTip("voxel size of the phantoms in Angstrom")
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
+        self.objective_combo = QComboBox()
+        self.objective_combo.addItems(list(OBJECTIVES))
+        self.objective_combo.setToolTip(
+            "dsm: denoising score matching; dsm+cd: DSM plus contrastive divergence with short "
+            "Langevin chains started at the data (slower per iteration)"
+        )
 
         self.start_button = QPushButton("Start")
         self.start_button.clicked.connect(self.start)
@@ -87,6 +94,7 @@ class TrainPriorWidget(QWidget):
         form.addRow("iterations", self.iterations_spin)
         form.addRow("phantom voxel size (A)", self.voxel_spin)
         form.addRow("seed", self.seed_spin)
+        form.addRow("objective", self.objective_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.stop_button)
@@ -126,6 +134,7 @@ class TrainPriorWidget(QWidget):
                 depth=4,
                 phantoms=8,
                 noise_levels=[0.2, 0.35, 0.5, 0.7],
+                objective=self.objective_combo.currentText(),
             )
             self._trainer = Trainer(config)
         except EBMError as error:
