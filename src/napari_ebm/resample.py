@@ -27,7 +27,8 @@ def voxel_size_mismatch(prior, voxel_size):
     return (
         f"the tomogram's voxel size {mean_size:.4g} A differs from the {trained:g} A that prior "
         f"{metadata['name']!r} was trained at by more than {VOXEL_SIZE_TOLERANCE:.0%}; resample the "
-        f"tomogram to {trained:g} A (--resample on the command line) or expect a poorer result"
+        f"tomogram to {trained:g} A first (--resample on the command line, \"Resample to the prior's voxel "
+        f"size\" in the widget) or expect a poorer result"
     )
 
 

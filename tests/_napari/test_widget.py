@@ -6,6 +6,7 @@ from napari.utils.notifications import NotificationSeverity, notification_manage
 
 from napari_ebm._napari.widget import ReconstructionWidget
 from napari_ebm.priors import PRIORS, Prior
+from napari_ebm.resample import fourier_resample
 
 pytestmark = pytest.mark.gui
 
@@ -218,3 +219,134 @@ def test_learned_prior_voxel_mismatch_warns(widget, qtbot):
     messages = [str(n.message) for n in notification_manager.records[before:] if n.severity == NotificationSeverity.WARNING]
     assert any("differs from the 10 A" in message for message in messages)
     assert widget.viewer.layers["cube MAP"].data.shape == (32, 32, 32)
+
+
+# The mean voxel size of this 20 x 24 x 28 layer at (20, 18, 16) A is 18 A, which differs from the
+# 10 A of phantom_dsm by more than 25 %. Because of the anisotropy each axis resamples to another size.
+COARSE_SHAPE = (20, 24, 28)
+COARSE_SCALE = (20.0, 18.0, 16.0)
+COARSE_TRANSLATE = (100.0, -50.0, 25.0)
+
+
+@pytest.fixture
+def coarse_widget(make_napari_viewer):
+    viewer = make_napari_viewer()
+    volume = np.random.default_rng(2).normal(size=COARSE_SHAPE).astype(np.float32)
+    volume[5:15, 6:18, 7:21] += 2.0
+    viewer.add_image(volume, name="coarse", scale=COARSE_SCALE, translate=COARSE_TRANSLATE, units="angstrom")
+    viewer.add_image(volume, name="fine", scale=(10.0, 10.0, 10.0), units="angstrom")
+    _, dock = viewer.window.add_plugin_dock_widget("napari-ebm", "EBM reconstruction")
+    dock.input_combo.setCurrentText("coarse")
+    dock.prior_combo.setCurrentText("phantom_dsm")
+    dock.method_combo.setCurrentText("map")
+    dock.steps_spin.setValue(2)
+    dock.seed_spin.setValue(0)
+    return dock
+
+
+def warning_messages(since):
+    return [str(n.message) for n in notification_manager.records[since:] if n.severity == NotificationSeverity.WARNING]
+
+
+def test_voxel_mismatch_offers_resample(coarse_widget):
+    note = coarse_widget.voxel_size_note
+
+    assert not coarse_widget.resample_check.isHidden()
+    assert coarse_widget.resample_check.isEnabled()
+    assert not coarse_widget.resample_check.isChecked()
+    assert "Fourier" in coarse_widget.resample_check.toolTip()
+    assert not note.isHidden()
+    assert "20 x 18 x 16 A (mean 18 A)" in note.text()
+    assert "10 A" in note.text()
+    assert "'phantom_dsm'" in note.text()
+
+    coarse_widget.resample_check.setChecked(True)
+    assert "Start resamples the input to about 10 A" in note.text()
+
+
+def test_voxel_note_follows_choices(coarse_widget):
+    note = coarse_widget.voxel_size_note
+    assert not note.isHidden()
+
+    coarse_widget.input_combo.setCurrentText("fine")
+    assert note.isHidden()
+
+    coarse_widget.viewer.layers["fine"].scale = (30.0, 30.0, 30.0)
+    assert not note.isHidden()
+    assert "30 A" in note.text()
+
+    coarse_widget.prior_combo.setCurrentText("tv")
+    assert note.isHidden()
+
+    coarse_widget.prior_combo.setCurrentText("phantom_dsm")
+    assert not note.isHidden()
+
+    coarse_widget.viewer.layers.remove("fine")
+    assert coarse_widget.input_combo.currentText() == "coarse"
+    assert "18 A" in note.text()
+
+
+def test_resample_checked_outputs_prior_voxel_size(coarse_widget, qtbot):
+    viewer = coarse_widget.viewer
+    data = viewer.layers["coarse"].data
+    expected, expected_voxel_size = fourier_resample(data, COARSE_SCALE, 10.0)
+    before = len(notification_manager.records)
+    coarse_widget.resample_check.setChecked(True)
+
+    assert coarse_widget.start()
+    assert not coarse_widget.resample_check.isEnabled()
+    wait_idle(qtbot, coarse_widget)
+
+    output = viewer.layers["coarse MAP"]
+    assert expected.shape == (40, 43, 45)
+    assert output.data.shape == expected.shape
+    np.testing.assert_allclose(output.scale, expected_voxel_size, atol=1e-4)
+    np.testing.assert_allclose(output.translate, COARSE_TRANSLATE)
+    assert np.isfinite(output.data).all()
+    assert coarse_widget.status.text().startswith("finished")
+    resampled = output.metadata["napari_ebm"]["resampled"]
+    np.testing.assert_allclose(resampled["from_voxel_size"], COARSE_SCALE)
+    np.testing.assert_allclose(resampled["to_voxel_size"], expected_voxel_size, atol=1e-4)
+    assert resampled["from_shape"] == list(COARSE_SHAPE)
+    assert resampled["to_shape"] == list(expected.shape)
+    assert "input resampled from 20 x 18 x 16 A" in coarse_widget.run_info.text()
+    assert not any("differs from the 10 A" in message for message in warning_messages(before))
+    infos = [str(n.message) for n in notification_manager.records[before:] if n.severity == NotificationSeverity.INFO]
+    assert any(message.startswith("EBM reconstruction: resampled (20, 24, 28)") for message in infos)
+
+
+def test_resample_unchecked_keeps_input_grid(coarse_widget, qtbot):
+    viewer = coarse_widget.viewer
+    before = len(notification_manager.records)
+
+    assert coarse_widget.start()
+    wait_idle(qtbot, coarse_widget)
+
+    output = viewer.layers["coarse MAP"]
+    assert output.data.shape == COARSE_SHAPE
+    np.testing.assert_allclose(output.scale, COARSE_SCALE)
+    np.testing.assert_allclose(output.translate, COARSE_TRANSLATE)
+    assert output.metadata["napari_ebm"]["resampled"] is None
+    assert coarse_widget.status.text().startswith("finished")
+    warnings = warning_messages(before)
+    assert any("differs from the 10 A" in message for message in warnings)
+    assert any("Resample to the prior's voxel size" in message for message in warnings)
+
+
+def test_resample_then_plain_run_regrids_layer(coarse_widget, qtbot):
+    # The second run reuses the layer "coarse MAP" and must give it back the input's grid.
+    viewer = coarse_widget.viewer
+    coarse_widget.resample_check.setChecked(True)
+    coarse_widget.start()
+    wait_idle(qtbot, coarse_widget)
+    layer_id = viewer.layers["coarse MAP"].unique_id
+
+    coarse_widget.resample_check.setChecked(False)
+    coarse_widget.start()
+    wait_idle(qtbot, coarse_widget)
+
+    output = viewer.layers["coarse MAP"]
+    assert output.unique_id == layer_id
+    assert output.data.shape == COARSE_SHAPE
+    np.testing.assert_allclose(output.scale, COARSE_SCALE)
+    np.testing.assert_allclose(output.translate, COARSE_TRANSLATE)

@@ -19,6 +19,7 @@ import torch
 
 from napari_ebm import __version__
 from napari_ebm.cli import main
+from napari_ebm.datasets import microtubule_path
 from napari_ebm.run import Reconstruction
 
 SHAPE = (16, 20, 18)
@@ -521,3 +522,31 @@ def test_resample_writes_prior_voxel_size(tmp_path, capsys):
     assert code == 0
     assert "resampled" in stdout
     assert voxel_x == pytest.approx(10.0, rel=0.15)
+
+
+@pytest.mark.parametrize(("method", "extra"), [("map", []), ("langevin", ["--burn-in", "1", "--std-out", "STD"])])
+def test_shipped_prior_on_real_tomogram(tmp_path, capsys, method, extra):
+    observed, voxel_size, origin = read_mrc(microtubule_path())
+    out = tmp_path / f"{method}.mrc"
+    std_out = tmp_path / "std.mrc"
+    extra = [str(std_out) if argument == "STD" else argument for argument in extra]
+
+    code = main([
+        "reconstruct", str(microtubule_path()), "--out", str(out), "--prior", "phantom_dsm",
+        "--method", method, "--steps", "3", "--seed", "0", "--quiet", *extra,
+    ])
+    _, err = capsys.readouterr()
+
+    assert code == 0
+    assert "differs from" not in err
+    for path in [out, std_out] if method == "langevin" else [out]:
+        data, out_voxel_size, out_origin = read_mrc(path)
+        assert data.shape == (36, 206, 94)
+        np.testing.assert_allclose(out_voxel_size, voxel_size, atol=1e-4)
+        np.testing.assert_allclose(out_origin, origin)
+        assert np.isfinite(data).all()
+    estimate, _, _ = read_mrc(out)
+    assert not np.allclose(estimate, observed.astype(np.float32))
+    if method == "langevin":
+        std, _, _ = read_mrc(std_out)
+        assert float(std.max()) > 0.0

@@ -60,7 +60,7 @@ def test_bad_crowding_rejected(crowding):
 
 
 @pytest.mark.parametrize("name", DENSITY_MAPS)
-def test_density_map_keeps_its_mass_at_any_orientation(name):
+def test_rotated_map_keeps_mass(name):
     density, map_voxel_size = _density_map(name)
     rng = np.random.default_rng(0)
     placed = []
@@ -76,7 +76,7 @@ def test_density_map_keeps_its_mass_at_any_orientation(name):
     assert not np.allclose(placed[0], placed[1], atol=0.05)
 
 
-def test_microtubules_are_hollow_at_every_voxel_size():
+def test_microtubule_wall_is_hollow():
     for voxel_size in (5.0, 10.0):
         across = _line_distances((48, 48, 48), np.array([24.0, 24.0, 24.0]), np.array([0.0, 0.0, 1.0]))
         phantom_slice = make_phantom((48, 48, 48), voxel_size=voxel_size, seed=3, crowding=0.0)

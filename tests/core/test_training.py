@@ -146,7 +146,7 @@ class QuadraticEnergy(torch.nn.Module):
         return 0.5 * self.a * (x * x).flatten(1).sum(1)
 
 
-def test_cd_chains_sample_a_gaussian_energy():
+def test_cd_chains_sample_gaussian():
     start = torch.full((2, 16, 16, 16), 3.0)
 
     ends = langevin_chains(QuadraticEnergy(4.0), start, steps=400, step_size=0.05, generator=np.random.default_rng(0))
@@ -166,7 +166,7 @@ def test_cd_loss_is_the_energy_contrast():
     assert float(cd_loss(energy, clean, clean)) == pytest.approx(0.0)
 
 
-def test_dsm_cd_training_runs_resumes_and_records_objective(tmp_path):
+def test_dsm_cd_resumes_and_records(tmp_path):
     config = small_config(iterations=4, objective="dsm+cd", cd_steps=3)
     uninterrupted = Trainer(config)
     for _ in uninterrupted.iterations():

@@ -13,8 +13,9 @@ class OutputLayers:
     """The layers "<input> MAP" (or "<input> sample"), "<input> mean" and "<input> std".
 
     A layer that already exists under one of these names, from an earlier run, is reused and its
-    data replaced, so the layer count stays constant across runs. New layers get the input
-    layer's scale and translate. Call only from the main thread.
+    data replaced, so the layer count stays constant across runs. The layers get the input
+    layer's translate and its scale, or ``scale`` when the input was resampled. Call only from
+    the main thread.
 
     Parameters
     ----------
@@ -22,11 +23,14 @@ class OutputLayers:
     input_layer : napari.layers.Image
     method : str
         "map" or "langevin".
+    scale : sequence of float, optional
+        Voxel size (z, y, x) of the outputs in Angstrom, when it differs from the input's.
     """
 
-    def __init__(self, viewer, input_layer, method):
+    def __init__(self, viewer, input_layer, method, scale=None):
         self.viewer = viewer
         self.input_layer = input_layer
+        self.scale = np.asarray(input_layer.scale if scale is None else scale, dtype=float)
         base = input_layer.name
         self.names = {"volume": f"{base} MAP" if method == "map" else f"{base} sample"}
         if method == "langevin":
@@ -50,9 +54,9 @@ class OutputLayers:
     def _update(self, name, data, is_std):
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
-            if layer.data.shape != data.shape:
+            if layer.data.shape != data.shape or not np.array_equal(layer.scale, self.scale):
                 # A layer of the same name from a run on another volume: replace its data and geometry.
-                layer.scale = self.input_layer.scale
+                layer.scale = self.scale
                 layer.translate = self.input_layer.translate
             layer.data = data
             if is_std:
@@ -63,7 +67,7 @@ class OutputLayers:
         layer = self.viewer.add_image(
             data,
             name=name,
-            scale=self.input_layer.scale,
+            scale=self.scale,
             translate=self.input_layer.translate,
             contrast_limits=limits,
             colormap="magma" if is_std else "gray",

@@ -9,7 +9,9 @@ Every run carries an id, and signals from an older run are ignored.
 import logging
 import math
 import time
+from types import SimpleNamespace
 
+import numpy as np
 from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -26,6 +28,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -33,8 +36,9 @@ from qtpy.QtWidgets import (
 
 from ..errors import EBMError, ParameterError
 from ..operators import OPERATORS
-from ..prior_files import list_available_priors
-from ..resample import voxel_size_mismatch
+from ..prior_files import PRIOR_SUFFIX, PriorFileError, find_prior_files, list_available_priors, read_metadata
+from ..priors import PRIORS
+from ..resample import VOXEL_SIZE_TOLERANCE, fourier_resample, voxel_size_mismatch
 from ..run import DEVICES, METHODS, Reconstruction, RunConfig
 from .plot import EnergyPlot
 from .streaming import OutputLayers
@@ -80,6 +84,37 @@ def forward_errors(items):
         raise WorkerFailure(f"{type(error).__name__}: {error}") from error
 
 
+def prior_file_metadata(name_or_path):
+    """Read the metadata of the prior file that ``name_or_path`` names, without loading its weights.
+
+    Returns None for a registered hand-made prior, an unknown name or an invalid file. The run
+    reports the last two when it resolves the prior.
+    """
+    if name_or_path in PRIORS:
+        return None
+
+    if str(name_or_path).endswith(PRIOR_SUFFIX):
+        path = name_or_path
+    else:
+        path = find_prior_files().get(name_or_path)
+        if path is None:
+            return None
+
+    try:
+        return read_metadata(path)
+    except PriorFileError as error:
+        logger.debug("no voxel-size check for prior %r: %s", name_or_path, error)
+        return None
+
+
+def format_voxel_size(voxel_size):
+    """Format a (z, y, x) voxel size in Angstrom as "10.52 A", or "4 x 3 x 2 A" when anisotropic."""
+    sizes = [float(size) for size in voxel_size]
+    if np.allclose(sizes, sizes[0], rtol=1e-6):
+        return f"{sizes[0]:.4g} A"
+    return " x ".join(f"{size:.4g}" for size in sizes) + " A"
+
+
 def parse_optional_positive(text, label):
     """Return None for "auto" or an empty field, else a finite float > 0.
 
@@ -122,6 +157,7 @@ class ReconstructionWidget(QWidget):
         self._stopping = False
         self._display_ended = True
         self._started_at = 0.0
+        self._watched_layer = None
 
         self._build_controls()
         self._build_layout()
@@ -139,6 +175,7 @@ class ReconstructionWidget(QWidget):
     def _build_controls(self):
         self.input_combo = QComboBox()
         self.input_combo.setToolTip("3D image layer to reconstruct")
+        self.input_combo.currentTextChanged.connect(self.update_voxel_size_check)
 
         self.operator_combo = QComboBox()
         self.operator_combo.addItems(OPERATORS.names())
@@ -155,6 +192,19 @@ class ReconstructionWidget(QWidget):
         self.prior_combo = QComboBox()
         self.prior_combo.currentTextChanged.connect(self._on_prior_chosen)
         self._prior_choice = "tv"
+
+        self.resample_check = QCheckBox("Resample to the prior's voxel size")
+        self.resample_check.setToolTip(
+            f"When the input layer's voxel size differs from the learned prior's training voxel size by more "
+            f"than {VOXEL_SIZE_TOLERANCE:.0%}, Start first resamples the input to the prior's voxel size by "
+            "Fourier cropping or padding. The output layers then have that voxel size and the input's origin."
+        )
+        self.resample_check.toggled.connect(self.update_voxel_size_check)
+        self.voxel_size_note = QLabel("")
+        self.voxel_size_note.setWordWrap(True)
+        # Without a minimum vertical policy a short dock squeezes the wrapped text to one line.
+        self.voxel_size_note.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+        self.voxel_size_note.setVisible(False)
 
         self.weight_spin = self._double_spin(-1.0, 1e6, -1.0, 4)
         self.weight_spin.setSpecialValueText("recommended")
@@ -234,6 +284,8 @@ class ReconstructionWidget(QWidget):
         tilt.addWidget(self.tilt_max)
         form.addRow("tilt range (deg)", tilt)
         form.addRow("prior", self.prior_combo)
+        form.addRow(self.resample_check)
+        form.addRow(self.voxel_size_note)
         form.addRow("weight", self.weight_spin)
         form.addRow("noise sigma", self.sigma_edit)
         form.addRow("method", self.method_combo)
@@ -274,6 +326,7 @@ class ReconstructionWidget(QWidget):
         if current in names:
             self.input_combo.setCurrentText(current)
         self.input_combo.blockSignals(False)
+        self.update_voxel_size_check()
 
     def refresh_priors(self):
         """Fill the prior list from the registry and the prior folders, then "Browse..."."""
@@ -289,10 +342,12 @@ class ReconstructionWidget(QWidget):
         self.prior_combo.setCurrentText(current if self.prior_combo.findText(current) >= 0 else "tv")
         self._prior_choice = self.prior_combo.currentText()
         self.prior_combo.blockSignals(False)
+        self.update_voxel_size_check()
 
     def _on_prior_chosen(self, text):
         if text != BROWSE_ITEM:
             self._prior_choice = text
+            self.update_voxel_size_check()
             return
         path, _ = QFileDialog.getOpenFileName(self, "Open a trained prior", "", "Prior files (*.safetensors)")
         self.prior_combo.blockSignals(True)
@@ -304,6 +359,74 @@ class ReconstructionWidget(QWidget):
         else:
             self.prior_combo.setCurrentText(self._prior_choice)
         self.prior_combo.blockSignals(False)
+        self.update_voxel_size_check()
+
+    def prior_voxel_size_mismatch(self, layer):
+        """Compare ``layer``'s voxel size with the training voxel size of the chosen prior.
+
+        The layer's scale is its voxel size in Angstrom. Hand-made priors have no training voxel
+        size, so they never mismatch.
+
+        NOTE: the scale is read as Angstrom whatever the layer's units, as the MRC writer does,
+        so a layer scaled in nanometres or pixels is compared wrongly.
+
+        Returns
+        -------
+        tuple of (str, float) or None
+            The warning message and the prior's training voxel size in Angstrom when they
+            differ by more than ``VOXEL_SIZE_TOLERANCE``, else None.
+        """
+        if layer is None:
+            return None
+
+        metadata = prior_file_metadata(self.prior_combo.currentText())
+        if metadata is None:
+            return None
+
+        # voxel_size_mismatch reads only the prior's metadata, so the weights need not be loaded.
+        message = voxel_size_mismatch(SimpleNamespace(metadata=metadata), tuple(layer.scale[-3:]))
+        if message is None:
+            return None
+        return message, float(metadata["training_voxel_size"])
+
+    def update_voxel_size_check(self, *_):
+        """Show or hide the voxel-size note for the chosen input layer and prior.
+
+        The note follows the choice of layer and prior, the resample box and the layer's scale.
+        """
+        layer = self.input_layer()
+        self._watch_layer_scale(layer)
+        mismatch = self.prior_voxel_size_mismatch(layer)
+        if mismatch is None:
+            self.voxel_size_note.setText("")
+            self.voxel_size_note.setVisible(False)
+            return
+
+        _, target = mismatch
+        sizes = layer.scale[-3:]
+        mean_size = float(np.mean(sizes))
+        voxel_size = format_voxel_size(sizes)
+        if not np.allclose(sizes, mean_size, rtol=1e-6):
+            voxel_size += f" (mean {mean_size:.4g} A)"
+        text = (
+            f"The voxel size of {layer.name!r}, {voxel_size}, differs from the {target:g} A that prior "
+            f"{self.prior_combo.currentText()!r} was trained at by more than {VOXEL_SIZE_TOLERANCE:.0%}."
+        )
+        if self.resample_check.isChecked():
+            text += f" Start resamples the input to about {target:g} A before the run."
+        else:
+            text += f" Check the box above to resample the input to about {target:g} A, or expect a poorer result."
+        self.voxel_size_note.setText(text)
+        self.voxel_size_note.setVisible(True)
+
+    def _watch_layer_scale(self, layer):
+        if layer is self._watched_layer:
+            return
+        if self._watched_layer is not None:
+            self._watched_layer.events.scale.disconnect(self.update_voxel_size_check)
+        if layer is not None:
+            layer.events.scale.connect(self.update_voxel_size_check)
+        self._watched_layer = layer
 
     def _update_enabled(self, *_):
         running = self._worker is not None
@@ -318,7 +441,7 @@ class ReconstructionWidget(QWidget):
         for control in (
             self.input_combo, self.operator_combo, self.prior_combo, self.weight_spin, self.sigma_edit,
             self.method_combo, self.step_size_edit, self.steps_spin, self.seed_spin, self.device_combo,
-            self.normalize_check, self.start_button,
+            self.normalize_check, self.resample_check, self.start_button,
         ):
             control.setEnabled(not running)
         self.pause_button.setEnabled(running)
@@ -355,6 +478,7 @@ class ReconstructionWidget(QWidget):
         )
 
     def input_layer(self):
+        """Return the chosen input layer, or None when none is chosen."""
         name = self.input_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
@@ -373,20 +497,22 @@ class ReconstructionWidget(QWidget):
             return False
         try:
             config = self.config()
-            reconstruction = Reconstruction(layer.data, config)
+            data, resampled = self._input_data(layer)
+            reconstruction = Reconstruction(data, config)
         except EBMError as error:
             self._fail_before_start(str(error))
             return False
 
-        mismatch = voxel_size_mismatch(reconstruction.energy.prior, tuple(layer.scale[-3:]))
-        if mismatch is not None:
-            # NOTE: the widget only warns; resampling is offered on the command line (--resample).
-            show_warning(f"EBM reconstruction: {mismatch}")
-
         self._reconstruction = reconstruction
         self._run_id = reconstruction.run_id
-        self._outputs = OutputLayers(self.viewer, layer, config.method)
-        self._outputs.set_metadata({"run_id": self._run_id, "input": layer.name, "parameters": reconstruction.parameters()})
+        scale = None if resampled is None else resampled["to_voxel_size"]
+        self._outputs = OutputLayers(self.viewer, layer, config.method, scale=scale)
+        self._outputs.set_metadata({
+            "run_id": self._run_id,
+            "input": layer.name,
+            "resampled": resampled,
+            "parameters": reconstruction.parameters(),
+        })
         self._trace = []
         self._last = None
         self._pending = None
@@ -397,10 +523,16 @@ class ReconstructionWidget(QWidget):
         self.progress.setValue(0)
         sigma_source = "estimated" if reconstruction.noise_sigma_estimated else "given"
         self.status.setText("starting")
-        self.run_info.setText(
+        run_info = (
             f"noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), step size {reconstruction.step_size:.4g}, "
             f"seed {reconstruction.seed}, device {reconstruction.device}"
         )
+        if resampled is not None:
+            run_info += (
+                f", input resampled from {format_voxel_size(resampled['from_voxel_size'])} "
+                f"to {format_voxel_size(resampled['to_voxel_size'])}"
+            )
+        self.run_info.setText(run_info)
 
         run_id = self._run_id
         worker = create_worker(forward_errors, reconstruction.snapshots(), _start_thread=False, _ignore_errors=True)
@@ -417,6 +549,45 @@ class ReconstructionWidget(QWidget):
         self._display_timer.start(int(FIRST_DISPLAY_SECONDS * 1000))
         worker.start()
         return True
+
+    def _input_data(self, layer):
+        """Prepare the run's input volume, and resample it when the box is checked and the voxel sizes mismatch.
+
+        A mismatch with the box unchecked gives a warning notification and leaves the volume as it is.
+
+        Returns
+        -------
+        data : array-like
+            ``layer.data``, or its float32 resampled copy.
+        resampled : dict or None
+            The voxel sizes (z, y, x) in Angstrom and the shapes before and after resampling,
+            recorded in the output layers' metadata. None when the input was not resampled.
+        """
+        self.update_voxel_size_check()
+        mismatch = self.prior_voxel_size_mismatch(layer)
+        if mismatch is None:
+            return layer.data, None
+
+        message, target = mismatch
+        if not self.resample_check.isChecked():
+            show_warning(f"EBM reconstruction: {message}")
+            return layer.data, None
+
+        voxel_size = tuple(float(size) for size in layer.scale[-3:])
+        data, new_voxel_size = fourier_resample(layer.data, voxel_size, target)
+        message = (
+            f"resampled {tuple(layer.data.shape)} at {format_voxel_size(voxel_size)} "
+            f"to {data.shape} at {format_voxel_size(new_voxel_size)}"
+        )
+        logger.info("layer %r: %s", layer.name, message)
+        show_info(f"EBM reconstruction: {message}")
+        resampled = {
+            "from_voxel_size": list(voxel_size),
+            "to_voxel_size": list(new_voxel_size),
+            "from_shape": list(layer.data.shape),
+            "to_shape": list(data.shape),
+        }
+        return data, resampled
 
     def toggle_pause(self):
         """Pause the running worker at its next step, or resume it."""
@@ -578,6 +749,7 @@ class ReconstructionWidget(QWidget):
 
     def _shutdown(self):
         """Stop a running worker and wait for it, so no thread outlives the widget."""
+        self._watch_layer_scale(None)
         if self._worker is not None:
             logger.debug("run %s: widget closing, stopping the worker", self._run_id)
             self._worker.quit()
