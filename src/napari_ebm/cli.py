@@ -435,6 +435,11 @@ def _add_train_arguments(parser):
     )
     parser.add_argument("--learning-rate", type=finite_float, default=2e-3, metavar="LR", help="Adam learning rate (default: 0.002)")
     parser.add_argument(
+        "--architecture", choices=["residual_conv_energy", "squared_conv_energy", "conv_energy"], default="residual_conv_energy",
+        help="energy network: (x - D(x))^2 / 2 with a bounded network D, which keeps MAP from drifting; squared "
+        "network outputs; or plain network outputs (default: residual_conv_energy)",
+    )
+    parser.add_argument(
         "--objective", choices=["dsm", "dsm+cd"], default="dsm",
         help="dsm: denoising score matching; dsm+cd: DSM plus contrastive divergence with short Langevin chains (default: dsm)",
     )
@@ -470,7 +475,7 @@ def run_train(args, command):
         iterations=args.iterations, patch_size=args.patch_size, batch_size=args.batch_size,
         noise_levels=list(args.noise_levels), learning_rate=args.learning_rate, channels=args.channels,
         depth=args.depth, phantoms=args.phantoms, voxel_size=args.voxel_size, data_folder=args.data, seed=args.seed,
-        objective=args.objective, cd_steps=args.cd_steps, cd_step_size=args.cd_step_size, cd_weight=args.cd_weight,
+        architecture=args.architecture, objective=args.objective, cd_steps=args.cd_steps, cd_step_size=args.cd_step_size, cd_weight=args.cd_weight,
     )
     trainer = Trainer(config, checkpoint=args.resume)
     print(f"training on {trainer.data_description}, from iteration {trainer.iteration}")

@@ -134,3 +134,38 @@ def estimate_noise_sigma(volume):
 
     median = coefficients.flatten().median()
     return float((coefficients - median).abs().median() / 0.6744897501960817)
+
+
+def estimate_signal_std(volume, noise_sigma, measured_fraction=1.0, floor=0.05):
+    """Estimate the standard deviation of the clean signal in an observed volume.
+
+    The observed variance is the signal's plus the noise's within the measured part of Fourier
+    space. The noise variance there is ``measured_fraction * noise_sigma**2``, and the signal is
+    assumed to spread its variance over Fourier space like the noise, so the clean signal's
+    variance is (var(y) - f sigma^2) / f.
+
+    Parameters
+    ----------
+    volume : torch.Tensor
+        Observed volume (z, y, x).
+    noise_sigma : float
+        Noise standard deviation in the units of ``volume``.
+    measured_fraction : float
+        Fraction f of Fourier space that the operator keeps, in (0, 1].
+    floor : float
+        The signal's variance is taken as at least ``floor`` times the observed variance, for
+        volumes that are mostly noise.
+
+    Returns
+    -------
+    float
+        The estimate, in the units of ``volume``.
+
+    Notes
+    -----
+    NOTE: a signal whose power lies mostly at low frequencies loses less than the fraction f to
+    the missing wedge, so the estimate is then somewhat too large; it is a scale, not a measurement.
+    """
+    observed_variance = float(volume.to(torch.float64).var())
+    signal_variance = max(observed_variance - measured_fraction * noise_sigma**2, floor * observed_variance)
+    return math.sqrt(signal_variance / measured_fraction)

@@ -67,6 +67,56 @@ class ConvEnergy(nn.Module):
         return network + 0.5 * self.quadratic * (x * x).flatten(1).sum(1)
 
 
+@register_architecture
+class SquaredConvEnergy(ConvEnergy):
+    """A :class:`ConvEnergy` whose per-voxel energies are squares, so the energy is bounded below.
+
+    The per-voxel energy is r^2 / 2, where r is the output of the same convolutional network.
+    An unbounded per-voxel output can decrease without limit along directions that the data
+    do not constrain, such as the missing wedge, and MAP then drifts away; a square cannot.
+    The parameters are those of :class:`ConvEnergy`.
+    """
+
+    architecture = "squared_conv_energy"
+
+    def voxel_energies(self, x):
+        """Return the per-voxel energies r^2 / 2 of volumes ``x`` of shape (batch, z, y, x)."""
+        return 0.5 * super().voxel_energies(x) ** 2
+
+
+@register_architecture
+class ResidualConvEnergy(ConvEnergy):
+    """A gradient-step energy: half the squared distance of x from a bounded denoised volume.
+
+    The per-voxel energy is (x - D(x))^2 / 2 with D(x) = bound * tanh((x + h(x)) / bound), where
+    h is the convolutional network of :class:`ConvEnergy`, so D starts near the identity. Because |D(x)| < bound, the energy grows
+    at least like (|x| - bound)^2 / 2 per voxel, so MAP and Langevin cannot drift to large
+    values along directions that the data do not constrain, such as the missing wedge. The form
+    follows the gradient-step denoisers of Hurault, Leclaire and Papadakis (2022).
+
+    Parameters
+    ----------
+    channels, depth, quadratic
+        As for :class:`ConvEnergy`.
+    bound : float
+        Largest absolute value of D(x) in normalised units, > 0.
+    """
+
+    architecture = "residual_conv_energy"
+
+    def __init__(self, channels=16, depth=4, quadratic=0.01, bound=4.0):
+        super().__init__(channels=channels, depth=depth, quadratic=quadratic)
+        if not bound > 0:
+            raise ValueError(f"bound must be > 0, got {bound!r}")
+        self.bound = float(bound)
+        self.hyperparameters["bound"] = self.bound
+
+    def voxel_energies(self, x):
+        """Return the per-voxel energies (x - D(x))^2 / 2 of volumes ``x`` of shape (batch, z, y, x)."""
+        denoised = self.bound * torch.tanh((x + super().voxel_energies(x)) / self.bound)
+        return 0.5 * (x - denoised) ** 2
+
+
 class LearnedPrior(Prior):
     """A trained energy network used as a prior on one (z, y, x) volume.
 

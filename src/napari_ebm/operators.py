@@ -26,6 +26,9 @@ class Operator:
 
     name = "operator"
 
+    # Fraction of Fourier space that the operator keeps: the variance of white noise is scaled by it.
+    measured_fraction = 1.0
+
     def forward(self, x):
         raise NotImplementedError
 
@@ -125,7 +128,13 @@ class Wedge(Operator):
         self.shape = tuple(int(n) for n in shape)
         self.tilt_range = (float(tilt_range[0]), float(tilt_range[1]))
         self.mask = wedge_mask(self.shape, self.tilt_range, device=device)
-        self.measured_fraction = float(self.mask.float().mean())
+        # The rfft grid holds one of each pair of conjugate frequencies, except in the planes
+        # kx = 0 and kx = nx / 2, so the other planes count twice.
+        weights = torch.full((self.mask.shape[-1],), 2.0, device=self.mask.device)
+        weights[0] = 1.0
+        if self.shape[-1] % 2 == 0:
+            weights[-1] = 1.0
+        self.measured_fraction = float((self.mask.float() * weights).sum() / (weights.sum() * self.mask[..., 0].numel()))
         logger.debug("wedge %s: %.3f of the rfft grid measured", self.tilt_range, self.measured_fraction)
 
     def forward(self, x):

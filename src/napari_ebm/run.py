@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .energy import PosteriorEnergy, estimate_noise_sigma
+from .energy import PosteriorEnergy, estimate_noise_sigma, estimate_signal_std
 from .errors import NonFiniteEnergyError, ParameterError, RunError
 from .operators import OPERATORS, create_operator
 from .prior_files import recommended_weight, resolve_prior
@@ -287,10 +287,20 @@ class Reconstruction:
                 raise ParameterError("the noise sigma estimated from the volume is 0; set the noise sigma explicitly")
         else:
             sigma = config.noise_sigma / self.scale
-        self.noise_sigma = sigma * self.scale
 
         operator = create_operator(config.operator, self.shape, config.tilt_range, device=self.device)
         prior = resolve_prior(config.prior, **config.prior_options).to(self.device)
+
+        # A learned prior was trained on clean volumes of standard deviation 1, so its input is
+        # scaled by the estimated clean signal, not by the noisy tomogram.
+        self.normalization = "std" if config.normalize else "none"
+        if config.normalize and getattr(prior, "metadata", None):
+            signal = estimate_signal_std(observed_normalised, sigma, getattr(operator, "measured_fraction", 1.0))
+            observed_normalised = observed_normalised / signal
+            sigma = sigma / signal
+            self.scale *= signal
+            self.normalization = "signal"
+        self.noise_sigma = sigma * self.scale
         recommended = recommended_weight(prior)
         if config.weight is not None:
             self.weight = config.weight
@@ -338,7 +348,7 @@ class Reconstruction:
             noise_sigma_used=self.noise_sigma,
             noise_sigma_estimated=self.noise_sigma_estimated,
             device_used=str(self.device),
-            normalization={"offset": self.offset, "scale": self.scale},
+            normalization={"offset": self.offset, "scale": self.scale, "kind": self.normalization},
             napari_ebm_version=__version__,
             torch_version=torch.__version__,
         )

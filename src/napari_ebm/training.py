@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import ParameterError
 from .io import read_volume
-from .networks import ConvEnergy
+from .networks import ARCHITECTURES
 from .phantom import make_phantom
 from .prior_files import save_prior
 
@@ -65,6 +65,9 @@ class TrainingConfig:
         DSM noise standard deviations, in normalised units (the clean volumes have std 1).
     learning_rate : float
         Adam learning rate, > 0.
+    architecture : str
+        A registered network architecture: "residual_conv_energy", "squared_conv_energy" or
+        "conv_energy" (see :mod:`napari_ebm.networks`).
     channels, depth : int
         Network size (see :class:`napari_ebm.networks.ConvEnergy`).
     quadratic : float
@@ -94,6 +97,7 @@ class TrainingConfig:
     batch_size: int = 4
     noise_levels: list = field(default_factory=lambda: [0.3, 0.5, 0.8])
     learning_rate: float = 2e-3
+    architecture: str = "residual_conv_energy"
     channels: int = 8
     depth: int = 3
     quadratic: float = 0.01
@@ -247,6 +251,8 @@ class Trainer:
             raise ParameterError(f"invalid patch size {config.patch_size!r}: must be an integer >= 8")
         if not config.noise_levels or not all(s > 0 for s in config.noise_levels):
             raise ParameterError(f"invalid noise levels {config.noise_levels!r}: give numbers > 0")
+        if config.architecture not in ARCHITECTURES:
+            raise ParameterError(f"unknown architecture {config.architecture!r}: choose one of {', '.join(sorted(ARCHITECTURES))}")
         if config.objective not in OBJECTIVES:
             raise ParameterError(f"unknown training objective {config.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if config.objective == "dsm+cd":
@@ -259,7 +265,7 @@ class Trainer:
         self.config = config
         self.volumes, self.data_description = training_volumes(config)
         torch.manual_seed(config.seed)
-        self.network = ConvEnergy(channels=config.channels, depth=config.depth, quadratic=config.quadratic)
+        self.network = ARCHITECTURES[config.architecture](channels=config.channels, depth=config.depth, quadratic=config.quadratic)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.iteration = 0
         if checkpoint is not None:
@@ -323,7 +329,7 @@ class Trainer:
             "name": name,
             "description": description or f"energy network trained by {config.objective.upper()} on {self.data_description}",
             "version": __version__,
-            "architecture": ConvEnergy.architecture,
+            "architecture": config.architecture,
             "hyperparameters": self.network.hyperparameters,
             "training_voxel_size": float(config.voxel_size),
             "normalization": "each training volume scaled to mean 0 and standard deviation 1",

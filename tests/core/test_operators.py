@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ebm.energy import estimate_noise_sigma
+from napari_ebm.energy import estimate_noise_sigma, estimate_signal_std
 from napari_ebm.errors import ParameterError
 from napari_ebm.operators import OPERATORS, Wedge, create_operator, wedge_mask
 from napari_ebm.priors import create_prior, list_priors
@@ -130,3 +130,23 @@ def test_noise_estimate_on_white_noise():
     estimate = estimate_noise_sigma(noise + smooth)
 
     assert estimate == pytest.approx(0.7, rel=0.05)
+
+
+@pytest.mark.parametrize("operator_name", ["denoise", "wedge"])
+def test_signal_estimate_removes_noise(operator_name):
+    rng = np.random.default_rng(1)
+    signal = torch.from_numpy(rng.normal(size=(48, 48, 48))).float()
+    operator = create_operator(operator_name, signal.shape)
+    noise = torch.from_numpy(rng.normal(0.0, 1.5, size=signal.shape)).float()
+
+    # White signal of std 1 and white noise of std 1.5 lose the same fraction to the wedge.
+    observed = operator(signal + noise)
+    estimate = estimate_signal_std(observed, 1.5, operator.measured_fraction)
+
+    assert estimate == pytest.approx(1.0, rel=0.05)
+
+
+def test_signal_estimate_has_a_floor():
+    observed = torch.from_numpy(np.random.default_rng(2).normal(size=(32, 32, 32))).float()
+
+    assert estimate_signal_std(observed, 2.0) == pytest.approx(np.sqrt(0.05 * float(observed.var())), rel=1e-6)

@@ -8,7 +8,9 @@ import torch
 
 from napari_ebm.cli import main
 from napari_ebm.metrics import fourier_shell_correlation, psnr, ssim
+from napari_ebm.networks import ResidualConvEnergy, SquaredConvEnergy
 from napari_ebm.prior_files import load_prior
+from napari_ebm.run import Reconstruction, RunConfig
 from napari_ebm.errors import ParameterError
 from napari_ebm.training import Trainer, TrainingConfig, cd_loss, langevin_chains
 
@@ -207,3 +209,38 @@ def test_cd_changes_training():
 def test_bad_objective_settings_rejected(overrides, message):
     with pytest.raises(ParameterError, match=message):
         Trainer(small_config(**overrides))
+
+
+@pytest.mark.parametrize("scale", [10.0, -10.0])
+def test_residual_energy_grows_at_large_values(scale):
+    network = ResidualConvEnergy(channels=4, depth=2, bound=4.0)
+    x = scale * torch.randn(1, 12, 12, 12, generator=torch.Generator().manual_seed(0)).abs()
+
+    # |D(x)| < 4, so each voxel contributes at least (|x| - 4)^2 / 2.
+    lower_bound = 0.5 * ((x.abs() - 4.0).clamp(min=0.0) ** 2).sum()
+
+    assert float(network(x)) >= float(lower_bound)
+
+
+def test_squared_energy_is_bounded_below():
+    network = SquaredConvEnergy(channels=4, depth=2, quadratic=0.0)
+
+    assert float(network.voxel_energies(torch.randn(2, 10, 10, 10)).min()) >= 0.0
+
+
+def test_learned_prior_run_scales_by_signal(tmp_path):
+    trainer = Trainer(small_config(iterations=2))
+    for _ in trainer.iterations():
+        pass
+    path = trainer.save_prior(tmp_path / "tiny.safetensors", "tiny", "napari-ebm train")
+    rng = np.random.default_rng(0)
+    observed = (rng.normal(size=(16, 16, 16)) * 3.0).astype(np.float32)
+
+    learned = Reconstruction(observed, RunConfig(prior=str(path), noise_sigma=2.0, steps=1, seed=0))
+    hand_made = Reconstruction(observed, RunConfig(prior="tv", noise_sigma=2.0, steps=1, seed=0))
+
+    assert learned.normalization == "signal"
+    assert hand_made.normalization == "std"
+    # The noise sigma in the input's units does not depend on the normalisation.
+    assert learned.noise_sigma == pytest.approx(2.0)
+    assert learned.scale < hand_made.scale
