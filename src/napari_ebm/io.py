@@ -34,15 +34,42 @@ STACK_SUFFIXES = (".st", ".ali", ".mrcs")
 
 MRC_HEADER_BYTES = 1024
 
-# MRC modes from the MRC2014 format definition. napari-ebm reconstructs real-valued data only.
+# MRC modes from the MRC2014 format definition, with the dtype that each is read as. Mode 0 is
+# read as uint8 instead when an IMOD header flag marks its bytes as unsigned.
 _ACCEPTED_MRC_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
-_UNSUPPORTED_MRC_MODES = {3: "complex int16", 4: "complex float32", 101: "4-bit packed integers"}
+
+# MRC modes that napari-ebm rejects, each with a description of its data and the advice shown to
+# the user. napari-ebm reconstructs real-valued data of at least 8 bits per voxel.
+_COMPLEX_MODE_ADVICE = (
+    "Convert the data to real values first, for example to the amplitude (absolute value) of "
+    "each voxel, and save it as float32 (mode 2)."
+)
+_UNSUPPORTED_MRC_MODES = {
+    3: ("complex int16", _COMPLEX_MODE_ADVICE),
+    4: ("complex float32", _COMPLEX_MODE_ADVICE),
+    101: (
+        "4-bit packed integers",
+        "Convert the data to 8- or 16-bit integers (mode 0, 1 or 6) or float32 (mode 2) first.",
+    ),
+}
+
+# IMOD writes this stamp ("IMOD" in ASCII) as an int32 at byte 152 of the header, followed by the
+# int32 imodFlags at byte 156. Bit 0 of imodFlags is set when mode 0 bytes are signed.
+_IMOD_STAMP = 1146047817
+_IMOD_STAMP_OFFSET = 152
+_IMOD_FLAG_SIGNED_BYTES = 1
 
 _LFS_POINTER_PREFIX = b"version https://git-lfs"
 
 # Sections (slices along axis 0) checked for NaN and infinity per step, which bounds the memory
 # that the check needs to this many sections, whatever the size of the file.
 _SCAN_SECTIONS = 16
+
+# read_volume checks float data up to this size for NaN and infinity in full. Checking larger
+# data in full would read the whole memory-mapped file from disk when it is opened, so only
+# evenly spaced sections of at most _SAMPLED_CHECK_BYTES in total are checked.
+_FULL_CHECK_MAX_BYTES = 1 << 30  # 1 GiB
+_SAMPLED_CHECK_BYTES = 128 << 20  # 128 MiB
 
 # Length units that ImageJ writes into the "unit" field of its TIFF metadata.
 _TIFF_UNIT_TO_ANGSTROM = {
@@ -62,7 +89,7 @@ _TIFF_UNIT_TO_ANGSTROM = {
 _AXIS_NAMES = ("z", "y", "x")
 
 # Integer dtypes that write_mrc stores, and the dtype written for each. uint8 is widened to
-# uint16 without loss, because MRC mode 0 is signed int8.
+# uint16 without loss, because MRC2014 defines mode 0 as signed int8.
 _MRC_INTEGER_WRITE_DTYPES = {
     np.dtype(np.int8): np.dtype(np.int8),
     np.dtype(np.int16): np.dtype(np.int16),
@@ -145,6 +172,13 @@ def read_volume(path: str | os.PathLike, *, fallback_voxel_size: float = 1.0) ->
     axis, so ``voxel_size[0]`` is set to the x voxel size. Other files with space group 0 are
     read as volumes.
 
+    MRC mode 0 is read as int8, as MRC2014 defines it, unless the header has the IMOD stamp
+    and its imodFlags mark the bytes as unsigned, in which case the data is read as uint8.
+
+    Float data is checked for NaN and infinity. Data up to 1 GiB is checked in full. For larger
+    data only evenly spaced sections (slices along axis 0) of about 128 MiB in total are read,
+    so that opening a large tomogram does not read the whole file.
+
     Parameters
     ----------
     path : str or os.PathLike
@@ -164,16 +198,25 @@ def read_volume(path: str | os.PathLike, *, fallback_voxel_size: float = 1.0) ->
         If the file is missing, is a folder, is empty, is a Git LFS pointer or has an
         unsupported suffix. Also if it is not a valid MRC or TIFF file, is truncated, uses an
         MRC mode other than 0, 1, 2, 6 or 12, contains a 2D image, or contains NaN or infinite
-        values. Errors from mrcfile, tifffile and the operating system are re-raised as
-        VolumeReadError. The message names the file, the problem and what to do.
+        values in the checked sections. Errors from mrcfile, tifffile and the operating system
+        are re-raised as VolumeReadError. The message names the file, the problem and what to
+        do.
     ParameterError
         If `fallback_voxel_size` is not finite or not > 0.
 
     Warns
     -----
     UserWarning
-        When the fallback voxel size replaces an invalid or missing voxel size, or a non-finite
-        origin is replaced by 0. The message names the file and the axis.
+        Once per file when the fallback voxel size replaces a missing or invalid voxel size on
+        one or more axes, naming the file, the axes and the fallback. Also when a non-finite
+        origin is replaced by 0, and when an MRC mode 0 file does not say whether its bytes
+        are signed.
+
+    Notes
+    -----
+    NaN or infinity in the sections of a file over 1 GiB that were not checked is found when
+    a run converts the volume to float32, because :class:`napari_ebm.run.Reconstruction`
+    counts the non-finite voxels and raises a ParameterError.
     """
     fallback = _check_fallback_voxel_size(fallback_voxel_size)
     path = Path(path).expanduser()
@@ -214,7 +257,9 @@ def write_mrc(
     Floating-point data is written as float32 (mode 2). int8 (mode 0), int16 (mode 1) and
     uint16 (mode 6) data keep their dtype, and uint8 data is widened to uint16 without loss,
     because MRC mode 0 is signed. The header gets the voxel size, the origin, space group 1
-    (a single volume) and the data statistics (minimum, maximum, mean, RMS).
+    (a single volume) and the data statistics (minimum, maximum, mean, RMS). int8 data also
+    gets the IMOD stamp with the flag for signed bytes, so IMOD and :func:`read_volume` read
+    it back as signed without a warning.
 
     The file is first written to a temporary file ``.<name>.<random>.tmp`` in the target's
     folder, flushed to disk with ``os.fsync`` and then renamed onto the target with
@@ -341,17 +386,60 @@ def _check_readable_file(path: Path) -> int:
 
 
 def _check_finite_data(path: Path, data: np.ndarray) -> None:
-    non_finite = _count_non_finite(data)
+    if data.dtype.kind != "f":
+        return
+
+    sections = _sections_to_check(data)
+    if sections is None:
+        non_finite = _count_non_finite(data)
+        if non_finite:
+            raise VolumeReadError(
+                f"{path} contains {non_finite} non-finite voxels (NaN or infinity) out of "
+                f"{data.size}. napari-ebm needs finite values, so replace them (for example "
+                f"with the volume mean) and save the file again."
+            )
+        return
+
+    # NOTE: NaN or infinity in the sections not checked here is found only when a run converts
+    # the volume to float32, where napari_ebm.run.Reconstruction counts them and raises a
+    # ParameterError.
+    non_finite = sum(_count_non_finite(data[index]) for index in sections)
+    logger.debug(
+        "Checked %d of the %d sections of %s (%d bytes) for NaN and infinity",
+        len(sections),
+        data.shape[0],
+        path,
+        data.nbytes,
+    )
     if non_finite:
         raise VolumeReadError(
-            f"{path} contains {non_finite} non-finite voxels (NaN or infinity) out of "
-            f"{data.size}. napari-ebm needs finite values, so replace them (for example with "
-            f"the volume mean) and save the file again."
+            f"{path} contains non-finite voxels (NaN or infinity): {non_finite} in the "
+            f"{len(sections)} of its {data.shape[0]} sections that were checked. napari-ebm "
+            f"needs finite values, so replace them (for example with the volume mean) and save "
+            f"the file again."
         )
 
 
+def _sections_to_check(data: np.ndarray) -> list[int] | None:
+    """Choose the sections along axis 0 that the finite check reads, or None for all of them.
+
+    Above `_FULL_CHECK_MAX_BYTES`, evenly spaced sections of at most `_SAMPLED_CHECK_BYTES` in
+    total are chosen, including the first one. One section is always checked, even if it alone
+    is larger than `_SAMPLED_CHECK_BYTES`.
+    """
+    if data.nbytes <= _FULL_CHECK_MAX_BYTES:
+        return None
+
+    section_count = data.shape[0]
+    section_bytes = data.nbytes // section_count
+    checked_count = min(section_count, max(1, _SAMPLED_CHECK_BYTES // section_bytes))
+
+    indices = np.linspace(0, section_count - 1, checked_count).round().astype(int)
+    return sorted(set(indices.tolist()))
+
+
 def _count_non_finite(data: np.ndarray) -> int:
-    """Count NaN and infinite values, reading `_SCAN_SECTIONS` sections of axis 0 at a time."""
+    """Count NaN and infinite values, reading `_SCAN_SECTIONS` slices of axis 0 at a time."""
     if data.dtype.kind != "f":
         return 0
 
@@ -362,17 +450,50 @@ def _count_non_finite(data: np.ndarray) -> int:
     return count
 
 
-def _valid_voxel_size_or_fallback(path: Path, axis: str, value: float, fallback: float) -> float:
-    if math.isfinite(value) and value > 0:
-        return value
+def _replace_invalid_voxel_sizes(
+    path: Path, sizes: dict[str, float], fallback: float, advice: str
+) -> dict[str, float]:
+    """Replace each voxel size that is not finite and > 0 by `fallback`.
 
+    Parameters
+    ----------
+    path : pathlib.Path
+        File that the sizes come from, named in the warning.
+    sizes : dict of str to float
+        Voxel size in Angstrom per axis name, in the order that the warning lists them.
+    fallback : float
+        Voxel size in Angstrom that replaces each invalid value.
+    advice : str
+        Advice on how to set the voxel size in this kind of file, which ends the warning.
+
+    Returns
+    -------
+    dict of str to float
+        The sizes in Angstrom, with the invalid ones replaced.
+
+    Warns
+    -----
+    UserWarning
+        Once, when one or more sizes are invalid. It names the file, the axes, their values and
+        the fallback.
+    """
+    invalid_axes = [
+        axis for axis, value in sizes.items() if not (math.isfinite(value) and value > 0)
+    ]
+    if not invalid_axes:
+        return dict(sizes)
+
+    axis_word = "axis" if len(invalid_axes) == 1 else "axes"
+    value_word = "value" if len(invalid_axes) == 1 else "values"
+    values = ", ".join(f"{sizes[axis]:g}" for axis in invalid_axes)
     warnings.warn(
-        f"{path} has an invalid voxel size of {value} Angstrom on the {axis} axis, so the "
-        f"fallback voxel size of {fallback} Angstrom is used instead. If that is wrong, set the "
-        f"voxel size in the file's header.",
+        f"{path} has no valid voxel size on {axis_word} {', '.join(invalid_axes)} ({value_word} "
+        f"{values} Angstrom), so the fallback voxel size of {fallback:g} Angstrom is used "
+        f"instead. If that is wrong, {advice}",
         UserWarning,
     )
-    return fallback
+
+    return {axis: fallback if axis in invalid_axes else value for axis, value in sizes.items()}
 
 
 def _float32_to_float(value) -> float:
@@ -411,6 +532,8 @@ class _MrcLayout(NamedTuple):
     origin_xyz: tuple[float, float, float]
     data_dtype: np.dtype | None
     data_shape: tuple[int, ...] | None
+    imod_stamp: int
+    imod_flags: int
     mrcfile_warnings: tuple[str, ...]
 
 
@@ -428,6 +551,8 @@ def _read_mrc(path: Path, file_size: int, fallback: float) -> Volume:
 
     _check_mrc_mode_and_shape(path, layout)
     _check_mrc_size(path, layout, file_size)
+    if layout.mode == 0:
+        layout = layout._replace(data_dtype=_mode_0_dtype(path, layout))
     data = _map_mrc_data(path, layout)
 
     is_stack = layout.ispg == 0 and path.suffix.lower() in STACK_SUFFIXES
@@ -462,6 +587,12 @@ def _layout_from_mrc(mrc) -> _MrcLayout:
     voxel_size = mrc.voxel_size
     data = mrc.data
 
+    # mrcfile has no named field for the IMOD stamp and flags, so they are read from the raw
+    # header bytes in the header's byte order.
+    imod_stamp, imod_flags = np.frombuffer(
+        header.tobytes(), dtype=header.dtype["nx"], count=2, offset=_IMOD_STAMP_OFFSET
+    )
+
     return _MrcLayout(
         mode=int(header.mode),
         nx=int(header.nx),
@@ -473,6 +604,8 @@ def _layout_from_mrc(mrc) -> _MrcLayout:
         origin_xyz=tuple(_float32_to_float(header.origin[axis]) for axis in "xyz"),
         data_dtype=None if data is None else data.dtype,
         data_shape=None if data is None else data.shape,
+        imod_stamp=int(imod_stamp),
+        imod_flags=int(imod_flags),
         mrcfile_warnings=(),
     )
 
@@ -497,11 +630,12 @@ def _check_mrc_mode_and_shape(path: Path, layout: _MrcLayout) -> None:
         )
 
     if layout.mode in _UNSUPPORTED_MRC_MODES:
+        content, advice = _UNSUPPORTED_MRC_MODES[layout.mode]
         accepted = ", ".join(f"{mode} ({name})" for mode, name in _ACCEPTED_MRC_MODES.items())
         raise VolumeReadError(
-            f"{path} uses MRC mode {layout.mode} ({_UNSUPPORTED_MRC_MODES[layout.mode]}), "
-            f"which napari-ebm cannot reconstruct. Save the volume as real-valued data in one "
-            f"of the modes {accepted}."
+            f"{path} uses MRC mode {layout.mode} ({content}), which napari-ebm cannot read, "
+            f"because it reconstructs real-valued volumes stored in the modes {accepted}. "
+            f"{advice}"
         )
 
     if layout.nz == 1:
@@ -509,6 +643,35 @@ def _check_mrc_mode_and_shape(path: Path, layout: _MrcLayout) -> None:
             f"{path} is a 2D image of shape ({layout.ny}, {layout.nx}); napari-ebm "
             f"reconstructs 3D volumes. Open a 3D volume (z, y, x) instead."
         )
+
+
+def _mode_0_dtype(path: Path, layout: _MrcLayout) -> np.dtype:
+    """Return int8 or uint8 for mode 0 data, from the IMOD stamp and flags in the header.
+
+    MRC2014 defines mode 0 as signed, but files from IMOD can contain unsigned bytes, and IMOD
+    marks signed ones with bit 0 of imodFlags. Without the IMOD stamp the bytes are read as
+    signed.
+
+    Warns
+    -----
+    UserWarning
+        When the header has no IMOD stamp, so the file does not say whether its bytes are
+        signed.
+    """
+    if layout.imod_stamp == _IMOD_STAMP:
+        if layout.imod_flags & _IMOD_FLAG_SIGNED_BYTES:
+            return np.dtype(np.int8)
+        return np.dtype(np.uint8)
+
+    warnings.warn(
+        f"{path} stores 8-bit values (MRC mode 0) but has no IMOD header stamp that says "
+        f"whether they are signed, so they are read as signed (-128 to 127), as the MRC2014 "
+        f"standard defines. If the values look wrong, for example with bright and dark "
+        f"swapped in parts of the volume, the file contains unsigned bytes (0 to 255). "
+        f"Convert it to 16-bit integers (MRC mode 1 or 6) and open the converted file.",
+        UserWarning,
+    )
+    return np.dtype(np.int8)
 
 
 def _check_mrc_size(path: Path, layout: _MrcLayout, file_size: int) -> None:
@@ -561,20 +724,26 @@ def _map_mrc_data(path: Path, layout: _MrcLayout) -> np.ndarray:
         ) from err
 
 
+_MRC_VOXEL_SIZE_ADVICE = (
+    "set the voxel size in the file's header, for example with mrcfile (mrc.voxel_size = the "
+    "size in Angstrom), and open the file again."
+)
+
+
 def _mrc_voxel_size(
     path: Path, layout: _MrcLayout, fallback: float, is_stack: bool
 ) -> tuple[float, float, float]:
     header_x, header_y, header_z = layout.voxel_size_xyz
-    x_size = _valid_voxel_size_or_fallback(path, "x", header_x, fallback)
-    y_size = _valid_voxel_size_or_fallback(path, "y", header_y, fallback)
-
+    sizes = {"z": header_z, "y": header_y, "x": header_x}
     if is_stack:
-        # Axis 0 of a stack is the view index, so its header spacing is not a length.
-        z_size = x_size
-    else:
-        z_size = _valid_voxel_size_or_fallback(path, "z", header_z, fallback)
+        # Axis 0 of a stack is the view index, so its header spacing is not a length and is
+        # neither checked nor used.
+        del sizes["z"]
 
-    return (z_size, y_size, x_size)
+    sizes = _replace_invalid_voxel_sizes(path, sizes, fallback, _MRC_VOXEL_SIZE_ADVICE)
+
+    z_size = sizes["x"] if is_stack else sizes["z"]
+    return (z_size, sizes["y"], sizes["x"])
 
 
 def _mrc_origin(path: Path, layout: _MrcLayout) -> tuple[float, float, float]:
@@ -689,15 +858,14 @@ def _tiff_voxel_size(
     if scale is None:
         return (fallback, fallback, fallback)
 
-    spacing = _metadata_float(imagej_metadata.get("spacing"))
-    z_size = _valid_voxel_size_or_fallback(path, "z", spacing * scale, fallback)
-    y_size = _valid_voxel_size_or_fallback(
-        path, "y", _pixel_size(y_resolution) * scale, fallback
-    )
-    x_size = _valid_voxel_size_or_fallback(
-        path, "x", _pixel_size(x_resolution) * scale, fallback
-    )
-    return (z_size, y_size, x_size)
+    sizes = {
+        "z": _metadata_float(imagej_metadata.get("spacing")) * scale,
+        "y": _pixel_size(y_resolution) * scale,
+        "x": _pixel_size(x_resolution) * scale,
+    }
+    advice = "set the voxel size in ImageJ (Image > Properties) and save the file again."
+    sizes = _replace_invalid_voxel_sizes(path, sizes, fallback, advice)
+    return (sizes["z"], sizes["y"], sizes["x"])
 
 
 def _tiff_unit_scale(path: Path, imagej_metadata: dict | None, fallback: float) -> float | None:
@@ -888,6 +1056,21 @@ def _write_mrc_file(
         mrc.voxel_size = tuple(reversed(voxel_zyx))
         mrc.header.origin = tuple(reversed(origin_zyx))
         mrc.update_header_stats()
+
+        if array.dtype == np.int8:
+            _stamp_signed_bytes(mrc.header)
+
+
+def _stamp_signed_bytes(header) -> None:
+    """Write the IMOD stamp and the imodFlags bit for signed bytes into an mrcfile header.
+
+    The two int32 values lie inside mrcfile's unnamed ``extra2`` field (bytes 112 to 195).
+    """
+    values = np.array([_IMOD_STAMP, _IMOD_FLAG_SIGNED_BYTES], dtype=header.dtype["nx"])
+    extra2 = bytearray(header.extra2.tobytes())
+    start = _IMOD_STAMP_OFFSET - header.dtype.fields["extra2"][1]
+    extra2[start : start + values.nbytes] = values.tobytes()
+    header.extra2 = np.void(bytes(extra2))
 
 
 def _fsync_path(path: Path) -> None:

@@ -12,10 +12,13 @@ import mrcfile
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from napari_ebm import io as ebm_io
+from napari_ebm._napari.layers import subsample_contrast_limits
 from napari_ebm.errors import ParameterError, VolumeReadError, VolumeWriteError
 from napari_ebm.io import STACK_SUFFIXES, Volume, read_volume, write_mrc
+from napari_ebm.run import Reconstruction, RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,6 +55,25 @@ def _float_volume(shape=(4, 5, 6)):
 
 def _files_in(folder):
     return sorted(entry.name for entry in Path(folder).iterdir())
+
+
+def _read_with_warnings(path, **kwargs):
+    """Read `path` and return the volume and the messages of all UserWarnings raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volume = read_volume(path, **kwargs)
+
+    messages = [str(warning.message) for warning in caught if issubclass(warning.category, UserWarning)]
+    return volume, messages
+
+
+def _patch_header_int32(path, offset, values):
+    """Overwrite int32 values in an MRC header written by mrcfile, which uses native byte order."""
+    raw = bytearray(Path(path).read_bytes())
+    for index, value in enumerate(values):
+        start = offset + 4 * index
+        raw[start : start + 4] = struct.pack("=i", value)
+    Path(path).write_bytes(bytes(raw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +341,8 @@ BAD_INPUTS = {
     "mode3": lambda folder: _make_mode(folder, 3),
     "mode4": lambda folder: _make_mode(folder, 4),
     "mode7": lambda folder: _make_mode(folder, 7),
+    "mode101": lambda folder: _make_mode(folder, 101),
+    "mode99": lambda folder: _make_mode(folder, 99),
     "image_2d": _make_2d,
     "nan": _make_nan,
     "png": _make_png,
@@ -397,15 +421,35 @@ def test_zero_voxel_size_uses_fallback(tmp_path):
     assert 0.0 not in volume.voxel_size
 
 
-def test_zero_voxel_warning_names_axis(tmp_path):
+def test_unset_cell_warns_once(tmp_path):
+    path = tmp_path / "no_cell.mrc"
+    with mrcfile.new(path) as mrc:
+        # The cell is never set, so mrcfile leaves it at 0 on every axis.
+        mrc.set_data(_float_volume())
+
+    volume, messages = _read_with_warnings(path)
+
+    assert volume.voxel_size == (1.0, 1.0, 1.0)
+    assert len(messages) == 1
+    assert str(path) in messages[0]
+    assert "axes z, y, x" in messages[0]
+    assert "values 0, 0, 0 Angstrom" in messages[0]
+    assert "fallback voxel size of 1 Angstrom" in messages[0]
+    assert "set the voxel size in the file's header" in messages[0]
+
+
+def test_one_zero_axis_warns_once(tmp_path):
     path = _write_test_mrc(tmp_path / "volume.mrc", _float_volume(), (4.0, 4.0, 4.0))
     with mrcfile.open(path, mode="r+") as mrc:
         mrc.header.cella.z = 0.0
 
-    with pytest.warns(UserWarning, match="on the z axis"):
-        volume = read_volume(path, fallback_voxel_size=2.5)
+    volume, messages = _read_with_warnings(path, fallback_voxel_size=2.5)
 
     assert volume.voxel_size == (2.5, 4.0, 4.0)
+    assert len(messages) == 1
+    assert str(path) in messages[0]
+    assert "on axis z (value 0 Angstrom)" in messages[0]
+    assert "fallback voxel size of 2.5 Angstrom" in messages[0]
 
 
 def test_nan_voxel_size_uses_fallback(tmp_path):
@@ -413,10 +457,42 @@ def test_nan_voxel_size_uses_fallback(tmp_path):
     with mrcfile.open(path, mode="r+") as mrc:
         mrc.header.cella.x = np.nan
 
-    with pytest.warns(UserWarning, match="fallback voxel size of 3.0"):
+    with pytest.warns(UserWarning, match="fallback voxel size of 3 Angstrom"):
         volume = read_volume(path, fallback_voxel_size=3.0)
 
     assert volume.voxel_size == (4.0, 4.0, 3.0)
+
+
+def test_stack_zero_x_warns_once(tmp_path):
+    path = _write_test_mrc(
+        tmp_path / "tilt.st", _float_volume((41, 5, 6)), (0.0, 5.0, 0.0), image_stack=True
+    )
+
+    volume, messages = _read_with_warnings(path, fallback_voxel_size=2.0)
+
+    # The z spacing of a stack is not a length, so only the x axis is reported.
+    assert volume.voxel_size == (2.0, 5.0, 2.0)
+    assert len(messages) == 1
+    assert "on axis x (value 0 Angstrom)" in messages[0]
+
+
+def test_tiff_zero_spacing_warns_once(tmp_path):
+    path = tmp_path / "volume.tif"
+    tifffile.imwrite(
+        path,
+        _float_volume(),
+        imagej=True,
+        resolution=(1 / 0.2, 1 / 0.3),
+        metadata={"spacing": 0.0, "unit": "nm", "axes": "ZYX"},
+    )
+
+    volume, messages = _read_with_warnings(path, fallback_voxel_size=7.0)
+
+    assert volume.voxel_size == pytest.approx((7.0, 3.0, 2.0))
+    assert len(messages) == 1
+    assert str(path) in messages[0]
+    assert "on axis z" in messages[0]
+    assert "ImageJ (Image > Properties)" in messages[0]
 
 
 def test_nan_origin_becomes_zero(tmp_path):
@@ -454,15 +530,19 @@ def test_stack_suffix_reads_stack(tmp_path, suffix):
     assert volume.voxel_size == (4.0, 5.0, 4.0)
 
 
-def test_mrc_space_group_0_is_volume(tmp_path):
+@pytest.mark.parametrize("suffix", [".mrc", ".rec", ".map"])
+def test_volume_suffix_space_group_0_is_volume(tmp_path, suffix):
     path = _write_test_mrc(
-        tmp_path / "volume.mrc", _float_volume((40, 5, 6)), (4.0, 4.0, 4.0), image_stack=True
+        tmp_path / f"volume{suffix}", _float_volume((40, 5, 6)), (4.0, 5.0, 7.0), image_stack=True
     )
+    with mrcfile.open(path, permissive=True) as mrc:
+        assert int(mrc.header.ispg) == 0
 
     volume = read_volume(path)
 
     assert volume.is_stack is False
     assert volume.data.shape == (40, 5, 6)
+    assert volume.voxel_size == (7.0, 5.0, 4.0)
 
 
 def test_st_space_group_1_is_volume(tmp_path):
@@ -472,6 +552,296 @@ def test_st_space_group_1_is_volume(tmp_path):
 
     assert volume.is_stack is False
     assert volume.voxel_size == (2.0, 4.0, 4.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# MRC modes
+
+# Byte offset of the IMOD stamp in the MRC header. The int32 imodFlags follows at byte 156.
+IMOD_STAMP_OFFSET = 152
+IMOD_STAMP = 1146047817
+BYTE_VALUES = np.arange(-128, 128, dtype=np.int8)
+
+
+def _write_int8_mrc(path, imod_stamp=None, imod_flags=0):
+    """Write all 256 byte values as mode 0, with the IMOD stamp and flags when given."""
+    data = np.resize(BYTE_VALUES, 4 * 8 * 8).reshape(4, 8, 8)
+    _write_test_mrc(path, data)
+    if imod_stamp is not None:
+        _patch_header_int32(path, IMOD_STAMP_OFFSET, [imod_stamp, imod_flags])
+    return Path(path), data
+
+
+def test_mode0_imod_signed_reads_int8(tmp_path):
+    path, data = _write_int8_mrc(tmp_path / "signed.mrc", IMOD_STAMP, imod_flags=1)
+
+    volume, messages = _read_with_warnings(path)
+
+    assert volume.data.dtype == np.int8
+    assert np.array_equal(volume.data, data)
+    assert int(volume.data.min()) == -128
+    assert messages == []
+
+
+def test_mode0_imod_unsigned_reads_uint8(tmp_path):
+    # imodFlags 4 sets another bit (origin sign) but leaves bit 0, the signed-bytes bit, clear.
+    path, data = _write_int8_mrc(tmp_path / "unsigned.mrc", IMOD_STAMP, imod_flags=4)
+
+    volume, messages = _read_with_warnings(path)
+
+    assert volume.data.dtype == np.uint8
+    assert np.array_equal(volume.data, data.view(np.uint8))
+    assert int(volume.data.max()) == 255
+    assert int(volume.data.min()) == 0
+    assert isinstance(volume.data, np.memmap)
+    assert messages == []
+
+
+def test_mode0_without_stamp_warns_signed(tmp_path):
+    # Flag bit 0 alone means nothing without the stamp.
+    path, data = _write_int8_mrc(tmp_path / "plain.mrc", imod_stamp=0, imod_flags=1)
+
+    volume, messages = _read_with_warnings(path)
+
+    assert volume.data.dtype == np.int8
+    assert np.array_equal(volume.data, data)
+    assert len(messages) == 1
+    assert str(path) in messages[0]
+    assert "read as signed (-128 to 127)" in messages[0]
+    assert "If the values look wrong" in messages[0]
+    assert "Convert it to 16-bit integers" in messages[0]
+
+
+def test_mode0_unsigned_file_opens_in_reconstruction(tmp_path):
+    path, _ = _write_int8_mrc(tmp_path / "unsigned.mrc", IMOD_STAMP, imod_flags=0)
+    volume = read_volume(path)
+
+    reconstruction = Reconstruction(volume.data, RunConfig(steps=1, seed=0))
+    restored = reconstruction.restore(reconstruction.initial)
+
+    assert float(restored.min()) == pytest.approx(0.0, abs=1e-3)
+    assert float(restored.max()) == pytest.approx(255.0, abs=1e-3)
+
+
+def test_write_int8_sets_signed_flag(tmp_path):
+    data = BYTE_VALUES.reshape(4, 8, 8)
+    path = tmp_path / "signed.mrc"
+
+    write_mrc(path, data, (1.0, 1.0, 1.0))
+    header = path.read_bytes()[:1024]
+    volume, messages = _read_with_warnings(path)
+
+    stamp, flags = struct.unpack_from("=2i", header, IMOD_STAMP_OFFSET)
+    assert stamp == IMOD_STAMP
+    assert flags & 1 == 1
+    assert volume.data.dtype == np.int8
+    assert np.array_equal(volume.data, data)
+    assert messages == []
+    with open(os.devnull, "w") as report:
+        assert mrcfile.validate(path, print_file=report) is True
+
+
+def test_mode6_stays_positive(tmp_path):
+    data = np.full((3, 4, 5), 40000, dtype=np.uint16)
+    data[0, 0, 0] = 65535
+    path = _write_test_mrc(tmp_path / "uint16.mrc", data)
+
+    volume = read_volume(path)
+    with mrcfile.open(path) as mrc:
+        mode = int(mrc.header.mode)
+
+    assert mode == 6
+    assert volume.data.dtype == np.uint16
+    assert int(volume.data[1, 1, 1]) == 40000
+    assert int(volume.data.max()) == 65535
+
+
+def test_mode12_reads_float16(tmp_path):
+    data = _float_volume().astype(np.float16)
+    path = _write_test_mrc(tmp_path / "half.mrc", data)
+
+    volume = read_volume(path)
+    with mrcfile.open(path) as mrc:
+        mode = int(mrc.header.mode)
+
+    assert mode == 12
+    assert volume.data.dtype == np.float16
+    assert np.array_equal(volume.data, data)
+
+
+def test_mode12_runs_as_float32(tmp_path):
+    data = _float_volume((8, 10, 12)).astype(np.float16)
+    path = _write_test_mrc(tmp_path / "half.mrc", data)
+    volume = read_volume(path)
+
+    reconstruction = Reconstruction(volume.data, RunConfig(steps=1, seed=0))
+    snapshots = list(reconstruction.snapshots())
+    restored = reconstruction.restore(reconstruction.initial)
+
+    assert reconstruction.initial.dtype == torch.float32
+    assert restored.dtype == np.float32
+    np.testing.assert_allclose(restored, data.astype(np.float32), atol=1e-3)
+    assert len(snapshots) == 1
+    assert snapshots[-1].volume.dtype == np.float32
+    assert np.all(np.isfinite(snapshots[-1].volume))
+
+
+@pytest.mark.parametrize(("mode", "content"), [(3, "complex int16"), (4, "complex float32")])
+def test_complex_mode_rejected_with_fix(tmp_path, mode, content):
+    path, _ = _make_mode(tmp_path, mode)
+
+    with pytest.raises(VolumeReadError) as caught:
+        read_volume(path)
+
+    message = str(caught.value)
+    assert str(path) in message
+    assert f"mode {mode} ({content})" in message
+    assert "real-valued" in message
+    assert "amplitude" in message
+
+
+def test_mode101_rejected_with_fix(tmp_path):
+    path, _ = _make_mode(tmp_path, 101)
+
+    with pytest.raises(VolumeReadError) as caught:
+        read_volume(path)
+
+    message = str(caught.value)
+    assert "mode 101 (4-bit packed integers)" in message
+    assert "Convert the data to 8- or 16-bit integers" in message
+
+
+@pytest.mark.parametrize("mode", [5, 7, 99, -1])
+def test_unknown_mode_rejected(tmp_path, mode):
+    path, _ = _make_mode(tmp_path, mode)
+
+    with pytest.raises(VolumeReadError) as caught:
+        read_volume(path)
+
+    assert f"mode {mode} is not an MRC data mode" in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Large files
+
+LARGE_SHAPE = (512, 2048, 2048)  # 8 GiB of float32
+
+
+def _write_sparse_float32_mrc(path, shape):
+    """Write an MRC header for float32 data of `shape` and extend the file without writing data.
+
+    Returns the path, or calls pytest.skip when the file system does not store sparse files.
+    """
+    depth, height, width = shape
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.zeros((2, 2, 2), dtype=np.float32))
+        mrc.voxel_size = 10.0
+        mrc.header.nx, mrc.header.ny, mrc.header.nz = width, height, depth
+        mrc.header.mx, mrc.header.my, mrc.header.mz = width, height, depth
+        mrc.header.cella = (10.0 * width, 10.0 * height, 10.0 * depth)
+
+    data_bytes = depth * height * width * 4
+    with open(path, "r+b") as stream:
+        stream.truncate(1024 + data_bytes)
+
+    allocated_bytes = os.stat(path).st_blocks * 512
+    if allocated_bytes > 64 << 20:
+        path.unlink()
+        pytest.skip(
+            f"the file system of {path.parent} allocated {allocated_bytes} bytes for a sparse "
+            f"file, so an 8 GiB test file would use 8 GiB of disk"
+        )
+    return path
+
+
+def _resident_bytes(path):
+    """Sum the resident memory (Rss) of this process's memory maps of `path`, from smaps.
+
+    A page of a memory-mapped file becomes resident when it is read, so this is an upper bound
+    on what was read through the maps that are still open. The kernel maps up to 64 KiB of
+    neighbouring pages on each page fault, which this count includes.
+    """
+    total_kib = 0
+    in_map_of_path = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and not fields[0].endswith(":"):
+                # A map header line: address range, permissions, offset, device, inode, path.
+                in_map_of_path = line.rstrip("\n").endswith(f" {path}")
+            elif in_map_of_path and fields[0] == "Rss:":
+                total_kib += int(fields[1])
+    return total_kib * 1024
+
+
+needs_smaps = pytest.mark.skipif(
+    not Path("/proc/self/smaps").is_file(),
+    reason="resident memory per map is read from /proc/self/smaps, which only Linux has",
+)
+
+
+@needs_smaps
+def test_large_mrc_opens_without_reading(tmp_path, monkeypatch):
+    path = _write_sparse_float32_mrc(tmp_path / "large.mrc", LARGE_SHAPE)
+    checked_bytes = []
+    count_non_finite = ebm_io._count_non_finite
+
+    def spy(data):
+        checked_bytes.append(data.nbytes)
+        return count_non_finite(data)
+
+    monkeypatch.setattr(ebm_io, "_count_non_finite", spy)
+
+    volume = read_volume(path)
+    resident = _resident_bytes(path.resolve())
+
+    assert isinstance(volume.data, np.memmap)
+    assert volume.data.shape == LARGE_SHAPE
+    assert volume.voxel_size == pytest.approx((10.0, 10.0, 10.0))
+    assert 0 < sum(checked_bytes) <= 128 << 20
+    assert resident <= 192 << 20
+
+
+@needs_smaps
+def test_large_mrc_contrast_from_subsample(tmp_path):
+    path = _write_sparse_float32_mrc(tmp_path / "large.mrc", LARGE_SHAPE)
+    data = np.memmap(path, dtype=np.float32, mode="r", offset=1024, shape=LARGE_SHAPE)
+
+    low, high = subsample_contrast_limits(data)
+    resident = _resident_bytes(path.resolve())
+
+    assert math.isfinite(low)
+    assert math.isfinite(high)
+    assert high > low
+    assert resident <= 128 << 20
+
+
+def test_large_mrc_nan_in_checked_section(tmp_path, monkeypatch):
+    # Lower the limits so that a small file is checked by sections, as a large one is.
+    monkeypatch.setattr(ebm_io, "_FULL_CHECK_MAX_BYTES", 1000)
+    monkeypatch.setattr(ebm_io, "_SAMPLED_CHECK_BYTES", 3 * 6 * 7 * 4)
+    data = _float_volume((10, 6, 7))
+    data[9, 2, 3] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        path = _write_test_mrc(tmp_path / "nan.mrc", data)
+
+    with pytest.raises(VolumeReadError) as caught:
+        read_volume(path)
+
+    assert str(path) in str(caught.value)
+    assert "1 in the 3 of its 10 sections that were checked" in str(caught.value)
+
+
+def test_contrast_limits_ignore_nan():
+    data = np.linspace(0.0, 1.0, 1000, dtype=np.float32).reshape(10, 10, 10)
+    data[0, 0, :5] = np.nan
+
+    low, high = subsample_contrast_limits(data)
+
+    assert 0.0 <= low < 0.05
+    assert 0.95 < high <= 1.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ def read_layers(path):
     """Read one MRC file into an image layer with scale from the voxel size.
 
     A file that cannot be read gives one error notification naming the file and the problem,
-    and no layer. Warnings, for example a voxel size of 0 replaced by 1 A, become warning
-    notifications.
+    and no layer. Each UserWarning from reading, for example a voxel size of 0 replaced by
+    1 A, becomes one warning notification. Other warnings are logged at debug level.
     """
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -44,7 +44,7 @@ def read_layers(path):
             return [(None,)]
 
     for warning in caught:
-        if issubclass(warning.category, UserWarning) and not issubclass(warning.category, RuntimeWarning):
+        if issubclass(warning.category, UserWarning):
             show_warning(str(warning.message))
         else:
             logger.debug("while reading %s: %s", path, warning.message)
