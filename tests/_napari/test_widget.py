@@ -1,5 +1,7 @@
 """The "EBM reconstruction" dock widget in a real napari viewer (run under xvfb-run)."""
 
+import time
+
 import numpy as np
 import pytest
 from napari.utils.notifications import NotificationSeverity, notification_manager
@@ -94,22 +96,53 @@ def test_second_run_reuses_layers(widget, qtbot):
     assert [viewer.layers[name].unique_id for name in ("cube sample", "cube mean", "cube std")] == first_ids
 
 
-def test_stop_aborts_within_one_step(widget, qtbot):
+class CountingPrior(Prior):
+    """l2 energy that counts its evaluations, one per Langevin step, and takes at least 20 ms each.
+
+    The count is a class attribute, so a test can read it while the run's worker evaluates the prior.
+    """
+
+    name = "counting_l2"
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        time.sleep(0.02)
+        return 0.5 * (x * x).sum()
+
+
+@pytest.fixture
+def counting_prior():
+    CountingPrior.calls = 0
+    PRIORS.register("counting_l2", "l2 energy that counts its evaluations")(CountingPrior)
+    yield "counting_l2"
+    PRIORS.unregister("counting_l2")
+
+
+def test_stop_aborts_within_one_step(counting_prior, widget, qtbot):
     widget.method_combo.setCurrentText("langevin")
+    widget.prior_combo.setCurrentText(counting_prior)
     widget.steps_spin.setValue(1_000_000)
     widget.burn_in_spin.setValue(0)
 
     assert widget.start()
     qtbot.waitUntil(lambda: len(widget._trace) >= 3, timeout=RUN_TIMEOUT_MS)
+    step_shown_at_stop = widget._trace[-1][0]
+    step_started_at_stop = CountingPrior.calls
     widget.stop_button.click()
-    steps_at_stop = len(widget._trace)
     wait_idle(qtbot, widget)
     qtbot.wait(200)
 
-    assert len(widget._trace) <= steps_at_stop + 1
-    assert widget.status.text().startswith("stopped")
+    layer = widget.viewer.layers["cube sample"]
+    final_step = layer.metadata["napari_ebm"]["energy_trace"]["rows"][-1][0]
+    assert final_step >= step_shown_at_stop
+    assert final_step <= step_started_at_stop + 1
+    assert widget._trace[-1][0] == final_step
+    assert widget.progress.value() == final_step
+    assert widget.status.text().startswith(f"stopped at step {final_step};")
     assert widget.start_button.isEnabled()
-    assert np.isfinite(widget.viewer.layers["cube sample"].data).all()
+    assert layer.data.shape == (32, 32, 32)
+    assert np.isfinite(layer.data).all()
 
 
 def test_pause_holds_the_run(widget, qtbot):
@@ -203,7 +236,8 @@ def test_divergence_keeps_finite_layer(widget, qtbot):
     wait_idle(qtbot, widget)
 
     assert widget.status.text().startswith("failed")
-    assert "non-finite at step" in widget.status.text()
+    assert "non-finite" in widget.status.text()
+    assert "at step" in widget.status.text()
     assert np.isfinite(widget.viewer.layers["cube MAP"].data).all()
 
 

@@ -14,8 +14,9 @@ class OutputLayers:
 
     A layer that already exists under one of these names, from an earlier run, is reused and its
     data replaced, so the layer count stays constant across runs. The layers get the input
-    layer's translate and its scale, or ``scale`` when the input was resampled. Call only from
-    the main thread.
+    layer's translate and its scale, or ``scale`` when the input was resampled. Their metadata
+    records the input's source file as "input_source_path", so the napari writer rejects saving
+    an output over it. Call only from the main thread.
 
     Parameters
     ----------
@@ -35,7 +36,8 @@ class OutputLayers:
         self.names = {"volume": f"{base} MAP" if method == "map" else f"{base} sample"}
         if method == "langevin":
             self.names.update(mean=f"{base} mean", std=f"{base} std")
-        self.metadata = {}
+        self.input_source_path = input_source_path(input_layer)
+        self.metadata = {"input_source_path": self.input_source_path}
 
     def apply(self, snapshot):
         """Show the volumes of ``snapshot`` (those that are not None)."""
@@ -45,11 +47,11 @@ class OutputLayers:
                 self._update(name, data, is_std=(key == "std"))
 
     def set_metadata(self, metadata):
-        """Store ``metadata`` under "napari_ebm" in every output layer that exists."""
-        self.metadata = metadata
+        """Store ``metadata`` and the input's source path under "napari_ebm" in every output layer that exists."""
+        self.metadata = {**metadata, "input_source_path": self.input_source_path}
         for name in self.names.values():
             if name in self.viewer.layers:
-                self.viewer.layers[name].metadata["napari_ebm"] = metadata
+                self.viewer.layers[name].metadata["napari_ebm"] = self.metadata
 
     def _update(self, name, data, is_std):
         if name in self.viewer.layers:
@@ -77,6 +79,21 @@ class OutputLayers:
             metadata={"napari_ebm": self.metadata},
         )
         logger.debug("created output layer %r", layer.name)
+
+
+def input_source_path(layer):
+    """Return the path of the file that ``layer``'s data comes from, or None.
+
+    napari sets ``layer.source.path`` when a reader opens a file. The plugin's reader also stores
+    the path under ``metadata["napari_ebm"]["source_path"]``. An output layer of an earlier run
+    has neither, so it passes on the source file of that run's input.
+    """
+    path = getattr(layer.source, "path", None)
+    if path:
+        return str(path)
+
+    metadata = layer.metadata.get("napari_ebm") or {}
+    return metadata.get("source_path") or metadata.get("input_source_path")
 
 
 def _std_limits(data):

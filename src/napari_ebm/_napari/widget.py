@@ -8,12 +8,14 @@ Every run carries an id, and signals from an older run are ignored.
 
 import logging
 import math
+import threading
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
 from napari.layers import Image
-from napari.qt.threading import create_worker
+from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
@@ -61,8 +63,16 @@ FIRST_DISPLAY_SECONDS = 0.2
 DISPLAY_BUDGET_FACTOR = 20.0
 
 
+# A widget that closes during a run waits this long for the worker to finish its current step.
+# A step on a large volume on a CPU can take longer. The worker thread then ends by itself after
+# that step, and the widget has disconnected its signals, so nothing touches the deleted widget.
+SHUTDOWN_WAIT_SECONDS = 10.0
+
 # Last entry of the prior list, which opens a file dialog for a .safetensors prior file.
 BROWSE_ITEM = "Browse..."
+
+# Warnings of these categories are meant for developers, so a run logs them instead of showing them.
+DEVELOPER_WARNINGS = (DeprecationWarning, PendingDeprecationWarning)
 
 
 class WorkerFailure(EBMError):
@@ -82,6 +92,84 @@ def forward_errors(items):
         raise
     except Exception as error:  # noqa: BLE001 - forwarded to the main thread as a notification
         raise WorkerFailure(f"{type(error).__name__}: {error}") from error
+
+
+class RunWorker(GeneratorWorker):
+    """napari's generator worker with an event that is set once its thread has left :meth:`run`.
+
+    The event lets a closing widget wait for its own worker alone. The class method
+    ``await_workers`` would instead wait for every worker in the process, such as a training run
+    of the "Train prior" widget.
+
+    Attributes
+    ----------
+    done : threading.Event
+        Set in the worker thread after the last signal (``finished``) was emitted.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.done = threading.Event()
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            self.done.set()
+
+
+def check_input_layer(layer, operator):
+    """Raise ParameterError when ``layer`` cannot be the input of a run with ``operator``.
+
+    Raises
+    ------
+    ParameterError
+        If the layer's scale (its voxel size in Angstrom) is not finite and > 0 on each of the
+        last three axes, or if the layer is a tilt series and ``operator`` is "wedge".
+    """
+    scale = [float(size) for size in layer.scale[-3:]]
+    if not all(math.isfinite(size) and size > 0 for size in scale):
+        raise ParameterError(
+            f"layer {layer.name!r} has an invalid scale {tuple(scale)}. Each voxel size must be a finite "
+            "number > 0 (Angstrom). Set the layer's scale (layer.scale in napari's console), or fix the "
+            "voxel size in the file's header and open the file again"
+        )
+
+    metadata = layer.metadata.get("napari_ebm") or {}
+    if metadata.get("is_stack") and operator == "wedge":
+        raise ParameterError(
+            f"layer {layer.name!r} is a tilt series (an image stack of projections), but the wedge operator "
+            "models the missing wedge of a reconstructed tomogram. Reconstruct a tomogram from the tilt "
+            "series first, for example with IMOD or AreTomo, and open that"
+        )
+
+
+def show_caught_warning(message, category, context):
+    """Show a warning caught during a run as a warning notification, or log it for developers.
+
+    ``context`` precedes the message, for example "at step 5".
+    """
+    if issubclass(category, DEVELOPER_WARNINGS):
+        logger.debug("%s: %s: %s", context, category.__name__, message)
+        return
+    logger.info("%s: %s: %s", context, category.__name__, message)
+    show_warning(f"EBM reconstruction, {context}: {message}")
+
+
+def snapshot_is_finite(snapshot):
+    """Return whether every volume of ``snapshot`` (those that are not None) is finite."""
+    volumes = (snapshot.volume, snapshot.mean, snapshot.std)
+    return all(volume is None or bool(np.isfinite(volume).all()) for volume in volumes)
+
+
+def describe_unexpected_error(error):
+    """Format an error that is not an :class:`EBMError` for a notification, with a hint for MemoryError."""
+    text = f"preparing the run failed with {type(error).__name__}"
+    if str(error):
+        text += f": {error}"
+    if isinstance(error, MemoryError):
+        text += ". There is not enough free memory for this run. Close other programs or layers, or crop the volume"
+    return text
 
 
 def prior_file_metadata(name_or_path):
@@ -147,8 +235,12 @@ class ReconstructionWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self._worker = None
+        self._worker_slots = []
+        self._generator = None
         self._run_id = None
         self._reconstruction = None
+        self._received_step = 0
+        self._warnings_seen = {}
         self._outputs = None
         self._trace = []
         self._last = None
@@ -165,10 +257,13 @@ class ReconstructionWidget(QWidget):
         self.refresh_priors()
         self._set_running(False)
 
-        events = self.viewer.layers.events
-        for event in (events.inserted, events.removed, events.moved, events.changed):
+        for event in self._layer_list_events():
             event.connect(self.refresh_layers)
         self.destroyed.connect(lambda *_: self._shutdown())
+
+    def _layer_list_events(self):
+        events = self.viewer.layers.events
+        return (events.inserted, events.removed, events.moved, events.changed)
 
     # ---- construction --------------------------------------------------------------------
 
@@ -383,6 +478,10 @@ class ReconstructionWidget(QWidget):
         if metadata is None:
             return None
 
+        # An invalid scale is reported by Start, naming the layer and the fix.
+        if not all(math.isfinite(float(size)) and size > 0 for size in layer.scale[-3:]):
+            return None
+
         # voxel_size_mismatch reads only the prior's metadata, so the weights need not be loaded.
         message = voxel_size_mismatch(SimpleNamespace(metadata=metadata), tuple(layer.scale[-3:]))
         if message is None:
@@ -485,8 +584,9 @@ class ReconstructionWidget(QWidget):
     def start(self):
         """Validate the controls, prepare the run and start it in a worker thread.
 
-        Returns True when a worker started. Invalid input gives an error notification, the
-        status line shows the reason, and no worker starts.
+        Returns True when a worker started. Invalid input, or any other error while preparing
+        the run, gives an error notification, the status line shows the reason, and no worker
+        starts. Warnings raised while preparing the run become warning notifications.
         """
         if self._worker is not None:
             return False
@@ -497,10 +597,15 @@ class ReconstructionWidget(QWidget):
             return False
         try:
             config = self.config()
+            check_input_layer(layer, config.operator)
             data, resampled = self._input_data(layer)
-            reconstruction = Reconstruction(data, config)
+            reconstruction = self._create_reconstruction(data, config)
         except EBMError as error:
             self._fail_before_start(str(error))
+            return False
+        except Exception as error:  # noqa: BLE001 - shown as a notification instead of a traceback
+            logger.exception("preparing the run on layer %r failed", layer.name)
+            self._fail_before_start(describe_unexpected_error(error))
             return False
 
         self._reconstruction = reconstruction
@@ -516,6 +621,8 @@ class ReconstructionWidget(QWidget):
         self._trace = []
         self._last = None
         self._pending = None
+        self._received_step = 0
+        self._warnings_seen = {}
         self._stopping = False
         self._display_ended = False
         self.plot.clear()
@@ -535,12 +642,19 @@ class ReconstructionWidget(QWidget):
         self.run_info.setText(run_info)
 
         run_id = self._run_id
-        worker = create_worker(forward_errors, reconstruction.snapshots(), _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(lambda snapshot: self._on_yielded(run_id, snapshot))
-        worker.errored.connect(lambda error: self._on_errored(run_id, error))
-        worker.warned.connect(lambda warning: self._on_warned(run_id, warning))
-        worker.aborted.connect(lambda: self._on_aborted(run_id))
-        worker.finished.connect(lambda: self._on_finished(run_id))
+        self._generator = reconstruction.snapshots()
+        worker = create_worker(
+            forward_errors, self._generator, _start_thread=False, _ignore_errors=True, _worker_class=RunWorker
+        )
+        self._worker_slots = [
+            (worker.yielded, lambda snapshot: self._on_yielded(run_id, snapshot)),
+            (worker.errored, lambda error: self._on_errored(run_id, error)),
+            (worker.warned, lambda warning: self._on_warned(run_id, warning)),
+            (worker.aborted, lambda: self._on_aborted(run_id)),
+            (worker.finished, lambda: self._on_finished(run_id)),
+        ]
+        for signal, slot in self._worker_slots:
+            signal.connect(slot)
         self._worker = worker
         self._set_running(True)
         self._started_at = time.perf_counter()
@@ -549,6 +663,22 @@ class ReconstructionWidget(QWidget):
         self._display_timer.start(int(FIRST_DISPLAY_SECONDS * 1000))
         worker.start()
         return True
+
+    def _create_reconstruction(self, data, config):
+        """Create the :class:`Reconstruction` and show the warnings raised meanwhile as notifications.
+
+        Warnings are shown even when the construction fails, before its error.
+        """
+        # NOTE: catch_warnings changes the process-wide warning state. A warning that a worker
+        # thread raises meanwhile, such as one of the "Train prior" widget, is caught here too.
+        caught = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return Reconstruction(data, config)
+        finally:
+            for warning in caught:
+                show_caught_warning(warning.message, warning.category, "preparing the run")
 
     def _input_data(self, layer):
         """Prepare the run's input volume, and resample it when the box is checked and the voxel sizes mismatch.
@@ -633,7 +763,10 @@ class ReconstructionWidget(QWidget):
     # ---- worker signals (main thread) ----------------------------------------------------
 
     def _on_yielded(self, run_id, snapshot):
-        if run_id != self._run_id or self._stopping:
+        if run_id != self._run_id:
+            return
+        self._received_step = snapshot.step
+        if self._stopping:
             return
 
         self._last = snapshot
@@ -702,11 +835,26 @@ class ReconstructionWidget(QWidget):
         show_error(f"EBM reconstruction failed: {error}")
 
     def _on_warned(self, run_id, warning):
+        """Show a warning raised inside the run, naming its step. Repeats of it are logged and counted.
+
+        ``warning`` contains the arguments of ``warnings.showwarning``, starting with the message
+        and the category.
+        """
         if run_id != self._run_id:
             return
-        message = warning[0] if isinstance(warning, tuple) else warning
-        logger.debug("run %s warned: %s", run_id, message)
-        show_warning(f"EBM reconstruction: {message}")
+
+        # The worker emits its signals in order, so every step before the one that warned has
+        # already been received.
+        step = self._received_step + 1
+        message, category = warning[0], warning[1]
+
+        key = (category, str(message))
+        repeats = self._warnings_seen.get(key, 0)
+        self._warnings_seen[key] = repeats + 1
+        if repeats:
+            logger.debug("run %s: warning at step %d repeated %d times: %s", run_id, step, repeats, message)
+            return
+        show_caught_warning(message, category, f"run {run_id} at step {step}")
 
     def _on_aborted(self, run_id):
         if run_id != self._run_id:
@@ -715,6 +863,11 @@ class ReconstructionWidget(QWidget):
         # The worker has left the generator, so its state can be read: show the step it
         # stopped at, at most one step after the request.
         latest = self._reconstruction.latest_snapshot()
+        if latest is not None and not snapshot_is_finite(latest):
+            # The update of the last step left non-finite voxels, which the next step would have
+            # reported. The layers keep the volumes shown before.
+            logger.info("run %s: the state at step %d is not finite; keeping the volumes shown", run_id, latest.step)
+            latest = None
         if latest is not None:
             if not self._trace or self._trace[-1][0] < latest.step:
                 self._trace.append((latest.step, latest.energy, latest.data_energy, latest.prior_energy))
@@ -742,15 +895,68 @@ class ReconstructionWidget(QWidget):
             ending = "converged" if self._last.converged else "finished"
             self.status.setText(f"{ending} after {self._last.step} steps in {elapsed:.1f} s")
             show_info(f"EBM reconstruction {ending} after {self._last.step} steps in {elapsed:.1f} s")
-        self._worker = None
+        self._release_run()
         self._paused = False
         self._set_running(False)
         logger.debug("run %s finished; widget idle", run_id)
 
+    def _release_run(self):
+        """Disconnect the worker and drop the references to it, its generator and the Reconstruction.
+
+        The layers keep the output volumes, and the Reconstruction's tensors (input, operator,
+        prior, state) are freed before the next run. Call only when the worker thread no longer
+        uses the generator.
+        """
+        self._disconnect_worker()
+        if self._generator is not None:
+            # A stopped run leaves its generator suspended, which keeps the Reconstruction alive.
+            self._generator.close()
+            self._generator = None
+        self._worker = None
+        self._reconstruction = None
+
+    def _disconnect_worker(self):
+        for signal, slot in self._worker_slots:
+            try:
+                signal.disconnect(slot)
+            except (TypeError, RuntimeError) as error:
+                logger.debug("run %s: signal already disconnected: %s", self._run_id, error)
+        self._worker_slots = []
+
     def _shutdown(self):
-        """Stop a running worker and wait for it, so no thread outlives the widget."""
+        """Stop this widget's worker and wait for its thread, so no run outlives the widget.
+
+        Called when the widget is destroyed, for example when the viewer closes: its Qt children
+        are already deleted, so only Python state and the worker are touched.
+        """
         self._watch_layer_scale(None)
-        if self._worker is not None:
-            logger.debug("run %s: widget closing, stopping the worker", self._run_id)
-            self._worker.quit()
-            self._worker.await_workers(msecs=5000)
+        for event in self._layer_list_events():
+            event.disconnect(self.refresh_layers)
+
+        worker = self._worker
+        if worker is None:
+            return
+
+        run_id = self._run_id
+        logger.debug("run %s: widget closing, stopping the worker", run_id)
+
+        # Signals that are already queued refer to this run id and are ignored from now on.
+        self._run_id = None
+        self._disconnect_worker()
+        worker.quit()
+        if self._paused:
+            worker.resume()
+
+        if worker.done.wait(SHUTDOWN_WAIT_SECONDS):
+            self._release_run()
+            logger.debug("run %s: worker stopped", run_id)
+        else:
+            # The generator is still running in the worker thread, so it must not be closed here.
+            self._generator = None
+            self._worker = None
+            self._reconstruction = None
+            logger.warning(
+                "run %s: the worker did not stop within %.0f s after the widget closed; "
+                "its thread ends after the current step",
+                run_id, SHUTDOWN_WAIT_SECONDS,
+            )
