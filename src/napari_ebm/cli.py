@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 the run or writing its outputs failed, 2 invalid input 
 import argparse
 import contextlib
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import warnings
 from io import StringIO
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from . import __version__
@@ -59,6 +61,7 @@ PARAMETER_OPTIONS = {
     "thinning": "--thin",
     "tolerance": "--tolerance",
     "tilt range": "--tilt-range",
+    "number of threads": "--threads",
 }
 
 
@@ -276,6 +279,14 @@ def _add_reconstruct_arguments(parser):
         help="torch device; 'auto' takes CUDA, then Apple MPS, then the CPU (default: auto)",
     )
     run.add_argument(
+        "--threads",
+        type=integer,
+        default=None,
+        metavar="N",
+        help="CPU threads that torch uses for each step, >= 1 (default: the cores this process may use, "
+        "at most 4). A rerun is bit-identical only with the same number",
+    )
+    run.add_argument(
         "--no-normalize",
         dest="normalize",
         action="store_false",
@@ -299,7 +310,14 @@ def _add_reconstruct_arguments(parser):
     outputs.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace existing outputs and their sidecars; the input is never replaced (default: off)",
+        help="replace existing outputs and their sidecars, but not the input, which needs --overwrite-input "
+        "(default: off)",
+    )
+    outputs.add_argument(
+        "--overwrite-input",
+        action="store_true",
+        help="allow --out to be the input file, which is then read into memory and replaced once the output "
+        "is completely written (default: off, and an output on the input is an error)",
     )
     outputs.add_argument("--quiet", action="store_true", help="hide the progress bar (default: shown on stderr)")
     outputs.add_argument(
@@ -346,11 +364,7 @@ def main(argv=None):
             return EXIT_INTERRUPTED
         except NonFiniteEnergyError as error:
             logger.debug("run diverged", exc_info=True)
-            _print_error_line(
-                f"error: the energy became non-finite (NaN or infinite) at step {error.step} with step size "
-                f"{error.step_size:.4g}, so the run stopped and no output was written. "
-                "Lower --step-size, or --temperature for Langevin."
-            )
+            _print_error_line("error: " + _join_sentences(_with_option_advice(str(error)), "No output was written."))
             return EXIT_FAILED
         except RunError as error:
             logger.debug("run failed", exc_info=True)
@@ -391,6 +405,13 @@ def _logging_to_stderr(debug):
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)
+
+
+def _with_option_advice(message):
+    """Replace the advice of a run's divergence message by the options that follow it."""
+    return message.replace(
+        "Lower the step size, or the temperature for Langevin.", "Lower --step-size, or --temperature for Langevin."
+    )
 
 
 def _join_sentences(first, second):
@@ -557,7 +578,7 @@ def run_reconstruct(args, command):
         )
         for _, path, kind in outputs
     }
-    written = _write_outputs(outputs, last, trace, volume, input_path, records, args.overwrite)
+    written = _write_outputs(outputs, last, trace, volume, input_path, records, args.overwrite, args.overwrite_input)
     if written is None:
         return EXIT_FAILED
 
@@ -592,7 +613,17 @@ def _prepare_run(args):
     input_path = Path(args.input).expanduser()
     volume = _read_input(input_path)
     outputs = _plan_outputs(args, config)
-    _check_output_paths(input_path, outputs, args.overwrite)
+    _check_output_paths(input_path, outputs, args.overwrite, args.overwrite_input)
+
+    if any(_replaces_input(option, path, input_path, args.overwrite_input) for option, path, _ in outputs):
+        # The output replaces the input file, so the input is read into memory instead of being
+        # read from a memory map of the file that is about to be replaced. The output is written
+        # to the resolved path, so that a symbolic link to the input is followed, not replaced.
+        outputs = [
+            (option, path.resolve() if _replaces_input(option, path, input_path, True) else path, kind)
+            for option, path, kind in outputs
+        ]
+        volume = dataclasses.replace(volume, data=np.array(volume.data))
 
     if volume.is_stack and config.operator == "wedge":
         raise ParameterError(
@@ -607,10 +638,13 @@ def _prepare_run(args):
 
     volume = _check_prior_voxel_size(config, volume, args.resample)
 
-    try:
-        reconstruction = Reconstruction(volume.data, config)
-    except ParameterError as error:
-        raise ParameterError(_with_option_names(str(error))) from error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            reconstruction = Reconstruction(volume.data, config)
+        except ParameterError as error:
+            raise ParameterError(_with_option_names(str(error))) from error
+    _print_user_warnings(caught, "preparing the run")
     return input_path, volume, outputs, reconstruction
 
 
@@ -670,6 +704,7 @@ def _config_from_args(args):
         device=args.device,
         normalize=args.normalize,
         preview_every=max(args.steps, 1),
+        threads=args.threads,
     )
     try:
         validate_config(config)
@@ -716,14 +751,20 @@ def _plan_outputs(args, config):
     return outputs
 
 
-def _check_output_paths(input_path, outputs, overwrite):
+def _replaces_input(option, path, input_path, overwrite_input):
+    """Return True when the output of ``option`` at ``path`` is the input and may replace it."""
+    return overwrite_input and option == "--out" and _same_file(path, input_path)
+
+
+def _check_output_paths(input_path, outputs, overwrite, overwrite_input=False):
     """Check every output and sidecar path, so that a clash is found before the run starts.
 
     Raises
     ------
     VolumeWriteError
-        If a volume output lacks an MRC suffix, two outputs share a path, an output is the input,
-        is a folder, lies in a missing or read-only folder, or exists without ``overwrite``.
+        If a volume output lacks an MRC suffix, two outputs share a path, an output is the input
+        (allowed for --out with ``overwrite_input``), is a folder, lies in a missing or
+        read-only folder, or exists without ``overwrite``.
     """
     targets = []
     for option, path, kind in outputs:
@@ -741,18 +782,20 @@ def _check_output_paths(input_path, outputs, overwrite):
             raise VolumeWriteError(f"{label} and {seen[key]} are the same file. Give each output its own path")
         seen[key] = label
 
+    replacing = {path for option, path, _ in outputs if _replaces_input(option, path, input_path, overwrite_input)}
     for label, path in targets:
-        if _same_file(path, input_path):
-            raise VolumeWriteError(
-                f"{label} is the input file; napari-ebm never replaces its input, even with --overwrite. "
-                "Choose another output path"
-            )
+        if _same_file(path, input_path) and path not in replacing:
+            if label.startswith("--out "):
+                advice = "Add --overwrite-input to replace the input with the result, or choose another output path"
+            else:
+                advice = "Choose another output path. Only --out may replace the input, with --overwrite-input"
+            raise VolumeWriteError(f"{label} is the input file, which napari-ebm does not replace by default. {advice}")
         folder = path.parent
         if not folder.is_dir():
             raise VolumeWriteError(f"the output folder {folder} of {label} does not exist. Create it first")
         if path.is_dir():
             raise VolumeWriteError(f"{label} is a folder. Give the path of a file")
-        if path.exists() and not overwrite:
+        if path.exists() and not overwrite and path not in replacing:
             raise VolumeWriteError(f"{label} already exists. Use --overwrite to replace it, or choose another path")
         if not _is_writable_folder(folder):
             raise VolumeWriteError(f"the output folder {folder} of {label} is not writable")
@@ -776,12 +819,17 @@ def _read_input(input_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         volume = read_volume(input_path)
+    _print_user_warnings(caught, f"reading {input_path}")
+    return volume
+
+
+def _print_user_warnings(caught, activity):
+    """Print each UserWarning in ``caught`` as a warning line on stderr and log the others."""
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             _print_error_line(f"warning: {warning.message}")
         else:
-            logger.debug("warning while reading %s: %s", input_path, warning.message)
-    return volume
+            logger.debug("warning while %s: %s", activity, warning.message)
 
 
 def _describe_run(volume, reconstruction):
@@ -796,7 +844,8 @@ def _describe_run(volume, reconstruction):
         f"{config.method} reconstruction of {shape} voxels (z, y, x), voxel size {voxel_size} Angstrom: "
         f"noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
         f"step size {reconstruction.step_size:.4g} ({step_source}), "
-        f"seed {reconstruction.seed} ({seed_source}), device {reconstruction.device}"
+        f"seed {reconstruction.seed} ({seed_source}), device {reconstruction.device}, "
+        f"{reconstruction.threads} CPU thread{'' if reconstruction.threads == 1 else 's'}"
     )
 
 
@@ -833,8 +882,11 @@ def _run_with_progress(reconstruction, quiet):
     return last, trace
 
 
-def _write_outputs(outputs, last, trace, volume, input_path, records, overwrite):
+def _write_outputs(outputs, last, trace, volume, input_path, records, overwrite, overwrite_input=False):
     """Write each output, then each sidecar, and return [(path, kind)] of the outputs.
+
+    Every file is written to a temporary file and renamed onto its path, so an output that
+    replaces the input (``overwrite_input``) replaces it only once it is complete.
 
     Returns None after printing the error if a write fails; outputs written before it remain
     and are listed in the message.
@@ -848,13 +900,14 @@ def _write_outputs(outputs, last, trace, volume, input_path, records, overwrite)
             else:
                 if arrays[kind] is None:
                     raise RunError(f"the run finished without a {kind.replace('_', ' ')} for {option}", last.step)
+                replaces_input = _replaces_input(option, path, input_path, overwrite_input)
                 write_mrc(
                     path,
                     arrays[kind],
                     volume.voxel_size,
                     volume.origin,
-                    overwrite=overwrite,
-                    protected_paths=(input_path,),
+                    overwrite=overwrite or replaces_input,
+                    protected_paths=() if replaces_input else (input_path,),
                 )
             written.append((path, kind))
         for path, _ in written:

@@ -100,19 +100,25 @@ def estimate_noise_sigma(volume):
     """Estimate the standard deviation of white noise in a volume.
 
     The estimate is the median absolute deviation of the finest Haar wavelet coefficients that
-    are high-pass along all three axes, divided by 0.6745 (Donoho's estimator, extended to 3D).
-    Each coefficient combines 2x2x2 neighbouring voxels with weights +-1/sqrt(8), so it carries
-    the noise at full strength and little of a smooth signal.
+    are high-pass along every axis of at least 2 voxels, divided by 0.6745 (Donoho's estimator,
+    extended to 3D). Each coefficient combines 2^k neighbouring voxels, for k such axes, with
+    weights +-1/sqrt(2^k), so it carries the noise at full strength and little of a smooth
+    signal. An axis of 1 voxel is skipped, so a single section (1, y, x) gets the 2D estimator.
 
     Parameters
     ----------
     volume : numpy.ndarray or torch.Tensor
-        Array of shape (z, y, x), each side at least 2.
+        Array of shape (z, y, x) with at least one side of 2 voxels or more.
 
     Returns
     -------
     float
         The estimate, in the units of ``volume``.
+
+    Raises
+    ------
+    ValueError
+        If every side of ``volume`` is 1 voxel, so that no pair of neighbours exists.
 
     Notes
     -----
@@ -121,11 +127,14 @@ def estimate_noise_sigma(volume):
     """
     v = torch.as_tensor(np.asarray(volume) if not torch.is_tensor(volume) else volume)
     v = v.to(torch.float64)
-    nz, ny, nx = (n - n % 2 for n in v.shape[-3:])
-    v = v[:nz, :ny, :nx]
+    dims = [dim for dim in range(max(v.ndim - 3, 0), v.ndim) if v.shape[dim] >= 2]
+    if not dims:
+        raise ValueError(
+            f"the noise of a volume of shape {tuple(v.shape)} cannot be estimated, because every side is 1 voxel"
+        )
 
     coefficients = v
-    for dim in range(3):
+    for dim in dims:
         even = coefficients.narrow(dim, 0, coefficients.shape[dim] // 2 * 2)
         shape = list(even.shape)
         shape[dim : dim + 1] = [shape[dim] // 2, 2]

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import platformdirs
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -138,7 +139,11 @@ def load_prior(path):
         raise PriorFileError(f"{path}: not a valid safetensors file ({error}); it cannot be loaded as a prior") from None
 
     try:
-        network = ARCHITECTURES[metadata["architecture"]](**metadata["hyperparameters"])
+        # Building the layers draws their initial weights from torch's global random generator.
+        # The weights are replaced by the file's, so the draw happens on a forked generator
+        # and leaves the caller's random state unchanged.
+        with torch.random.fork_rng(devices=[]):
+            network = ARCHITECTURES[metadata["architecture"]](**metadata["hyperparameters"])
     except (TypeError, ValueError) as error:
         raise PriorFileError(f"{path}: the hyperparameters in the metadata do not fit {metadata['architecture']!r}: {error}") from None
     try:

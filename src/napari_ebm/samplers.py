@@ -93,13 +93,17 @@ class GaussianNoise:
     ----------
     seed : int
     device : torch.device
+    parallel : bool
+        Draw the CPU slabs on background threads. False draws them one after the other in the
+        calling thread, which gives the same numbers.
     """
 
     SLABS = 2
     _pool = None
 
-    def __init__(self, seed, device):
+    def __init__(self, seed, device, parallel=True):
         self.device = torch.device(device)
+        self.parallel = parallel
         if self.device.type == "cpu":
             states = np.random.SeedSequence(seed).generate_state(self.SLABS, dtype=np.uint64)
             self.generators = [torch.Generator().manual_seed(int(state)) for state in states]
@@ -120,6 +124,7 @@ class GaussianNoise:
         """Start drawing noise of ``shape`` in the background and return a function that waits for it.
 
         The Langevin step starts the draw before it computes the gradient, so the two overlap.
+        Without ``parallel``, the noise is drawn before this method returns.
         """
         noise = torch.empty(shape, dtype=dtype, device=self.device)
         if len(self.generators) == 1:
@@ -127,6 +132,11 @@ class GaussianNoise:
             return lambda: noise
 
         slabs = torch.tensor_split(noise, self.SLABS, dim=0)
+        if not self.parallel:
+            for slab, generator in zip(slabs, self.generators):
+                slab.normal_(generator=generator)
+            return lambda: noise
+
         futures = [
             self._executor().submit(slab.normal_, generator=generator)
             for slab, generator in zip(slabs, self.generators)

@@ -264,8 +264,13 @@ class Trainer:
 
         self.config = config
         self.volumes, self.data_description = training_volumes(config)
-        torch.manual_seed(config.seed)
-        self.network = ARCHITECTURES[config.architecture](channels=config.channels, depth=config.depth, quadratic=config.quadratic)
+        # The initial weights are drawn from torch's global generator, seeded on a fork of it,
+        # so the same seed gives the same network and the caller's random state is unchanged.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.network = ARCHITECTURES[config.architecture](
+                channels=config.channels, depth=config.depth, quadratic=config.quadratic
+            )
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.iteration = 0
         if checkpoint is not None:

@@ -20,7 +20,9 @@ import torch
 from napari_ebm import __version__
 from napari_ebm.cli import main
 from napari_ebm.datasets import microtubule_path
-from napari_ebm.run import Reconstruction
+from napari_ebm.io import read_volume
+from napari_ebm.priors import PRIORS, Prior
+from napari_ebm.run import Reconstruction, RunConfig, reconstruct
 
 SHAPE = (16, 20, 18)
 VOXEL_SIZE = (3.0, 2.0, 1.5)
@@ -245,6 +247,10 @@ INVALID_OPTIONS = [
     (["--step-size", "0"], "--step-size"),
     (["--step-size", "-0.5"], "--step-size"),
     (["--step-size", "nan"], "--step-size"),
+    (["--step-size", "-1"], "--step-size"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--threads", "0"], "--threads"),
+    (["--threads", "-3"], "--threads"),
     (["--weight", "inf"], "--weight"),
     (["--steps", "0"], "--steps"),
     (["--steps", "1.5"], "--steps"),
@@ -324,8 +330,10 @@ def test_out_equal_input_rejected(tmp_path, volume_path, capsys):
     code, _, err = run_cli(capsys, "reconstruct", volume_path, "--out", volume_path, "--overwrite", "--quiet")
 
     assert code == 2
-    assert "input" in err
+    assert "is the input file" in err
+    assert "--overwrite-input" in err
     assert volume_path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [volume_path]
 
 
 def test_out_through_symlink_to_input_rejected(tmp_path, volume_path, capsys):
@@ -396,8 +404,9 @@ def test_divergence_exits_1_without_output(tmp_path, volume_path, capsys):
     )
 
     assert code == 1
-    assert re.search(r"at step \d+", err)
-    assert "no output was written" in err
+    assert re.search(r"at step \d+ with step size 1e\+06", err)
+    assert "--step-size" in err
+    assert "No output was written" in err
     assert "Traceback" not in err
     assert not out.exists()
     assert not trace.exists()
@@ -550,3 +559,246 @@ def test_shipped_prior_on_real_tomogram(tmp_path, capsys, method, extra):
     if method == "langevin":
         std, _, _ = read_mrc(std_out)
         assert float(std.max()) > 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Odd shapes, divergence, memory, threads and replacing the input
+
+
+def write_volume(path, data):
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = tuple(reversed(VOXEL_SIZE))
+    return path
+
+
+def noisy_box(shape):
+    data = np.random.default_rng(2).normal(0.0, 0.5, size=shape).astype(np.float32)
+    data[tuple(slice(n // 4, max(n // 4 + 1, 3 * n // 4)) for n in shape)] += 2.0
+    return data
+
+
+ODD_SHAPES = [
+    pytest.param((31, 37, 41), id="31x37x41"),
+    pytest.param(
+        (1, 64, 64),
+        id="1x64x64",
+        marks=pytest.mark.xfail(
+            strict=True,
+            raises=AssertionError,
+            reason="napari_ebm.io.read_volume rejects an MRC file with one section as a 2D image",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+@pytest.mark.parametrize("method", ["map", "langevin"])
+def test_odd_shape_output_keeps_shape(tmp_path, capsys, shape, method):
+    path = write_volume(tmp_path / "odd.mrc", noisy_box(shape))
+    out = tmp_path / "out.mrc"
+
+    code, _, err = run_cli(
+        capsys, "reconstruct", path, "--out", out, "--method", method, "--operator", "wedge", "--steps", 2, "--quiet"
+    )
+
+    assert code == 0, err
+    data, voxel_size, _ = read_mrc(out)
+    assert data.shape == read_mrc(path)[0].shape
+    assert np.isfinite(data).all()
+    assert voxel_size == pytest.approx(VOXEL_SIZE, abs=1e-4)
+
+
+def test_thin_volume_warning_precedes_progress(tmp_path, capsys):
+    path = write_volume(tmp_path / "thin.mrc", noisy_box((8, 32, 32)))
+
+    code, _, err = run_cli(capsys, "reconstruct", path, "--out", tmp_path / "out.mrc", "--steps", 2)
+
+    assert code == 0
+    warning = "napari-ebm: warning: the volume of shape (8, 32, 32) is thin along z (8 voxels)"
+    assert warning in err
+    assert err.index(warning) < err.index("map:")
+
+
+class NaNFromCallSeven(Prior):
+    """The l2 energy, which is NaN from its seventh evaluation on."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        energy = 0.5 * (x * x).sum()
+        return energy * float("nan") if self.calls >= 7 else energy
+
+
+class MemoryErrorAtCallThree(Prior):
+    """The l2 energy, which raises MemoryError on its third evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise MemoryError("test allocation failure")
+        return 0.5 * (x * x).sum()
+
+
+@pytest.fixture
+def registered_prior():
+    """Register a prior class for one test under the name "cli_test_prior"."""
+    registered = []
+
+    def register(prior_class):
+        PRIORS.register("cli_test_prior", prior_class.__doc__.strip())(prior_class)
+        registered.append("cli_test_prior")
+        return "cli_test_prior"
+
+    yield register
+    for name in registered:
+        PRIORS.unregister(name)
+
+
+def test_nan_energy_exits_1_naming_step(tmp_path, volume_path, capsys, registered_prior):
+    prior = registered_prior(NaNFromCallSeven)
+    out = tmp_path / "mean.mrc"
+
+    code, _, err = run_cli(
+        capsys, "reconstruct", volume_path, "--out", out, "--method", "langevin", "--prior", prior,
+        "--step-size", "0.01", "--steps", 20, "--quiet",
+    )
+
+    assert code == 1
+    assert "at step 7 with step size 0.01" in err
+    assert "stopped after step 6" in err
+    assert "Lower --step-size, or --temperature for Langevin" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [volume_path]
+
+
+def test_memory_shortage_exits_2(tmp_path, volume_path, capsys, monkeypatch):
+    monkeypatch.setattr("napari_ebm.run.available_memory", lambda device: 2048)
+
+    code, _, err = run_cli(capsys, "reconstruct", volume_path, "--out", tmp_path / "map.mrc", "--quiet")
+
+    assert code == 2
+    assert re.search(r"needs about [0-9.]+ MiB on cpu", err)
+    assert "only 2 KiB is free" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [volume_path]
+
+
+def test_out_of_memory_exits_1(tmp_path, volume_path, capsys, registered_prior):
+    prior = registered_prior(MemoryErrorAtCallThree)
+
+    code, _, err = run_cli(
+        capsys, "reconstruct", volume_path, "--out", tmp_path / "mean.mrc", "--method", "langevin",
+        "--prior", prior, "--steps", 10, "--quiet",
+    )
+
+    assert code == 1
+    assert "out of memory at step 3" in err
+    assert "No output was written" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [volume_path]
+
+
+def test_threads_recorded_in_sidecar(tmp_path, volume_path, capsys):
+    out = tmp_path / "map.mrc"
+
+    code, stdout, err = run_cli(capsys, "reconstruct", volume_path, "--out", out, "--steps", 2, "--threads", 1, "--quiet")
+    parameters = read_sidecar(out)["parameters"]
+
+    assert code == 0, err
+    assert "1 CPU thread" in stdout
+    assert parameters["threads"] == 1
+    assert parameters["threads_used"] == 1
+
+
+def test_overwrite_input_replaces_input(tmp_path, volume_path, capsys):
+    copy = tmp_path / "copy.mrc"
+    copy.write_bytes(volume_path.read_bytes())
+    separate = tmp_path / "separate.mrc"
+    options = ["--steps", 3, "--seed", 5, "--threads", 1, "--quiet"]
+    code, _, err = run_cli(capsys, "reconstruct", copy, "--out", separate, *options)
+    assert code == 0, err
+
+    code, stdout, err = run_cli(capsys, "reconstruct", volume_path, "--out", volume_path, "--overwrite-input", *options)
+    replaced, voxel_size, origin = read_mrc(volume_path)
+
+    assert code == 0, err
+    assert str(volume_path) in stdout
+    np.testing.assert_array_equal(replaced, read_mrc(separate)[0])
+    assert voxel_size == pytest.approx(VOXEL_SIZE, abs=1e-4)
+    assert origin == pytest.approx(ORIGIN, abs=1e-4)
+    assert read_sidecar(volume_path)["output"]["path"] == str(volume_path.resolve())
+    assert not [path for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+
+
+def test_overwrite_input_follows_symlink(tmp_path, volume_path, capsys):
+    link = tmp_path / "link.mrc"
+    link.symlink_to(volume_path)
+    before = read_mrc(volume_path)[0]
+
+    code, _, err = run_cli(
+        capsys, "reconstruct", link, "--out", link, "--overwrite-input", "--steps", 2, "--seed", 1, "--quiet"
+    )
+
+    assert code == 0, err
+    assert link.is_symlink()
+    assert not np.array_equal(read_mrc(volume_path)[0], before)
+    assert Path(f"{volume_path}.json").exists()
+
+
+def test_overwrite_input_kept_when_write_fails(tmp_path, volume_path, capsys, monkeypatch):
+    before = volume_path.read_bytes()
+    replace = os.replace
+
+    def failing_replace(source, target):
+        if Path(target).resolve() == volume_path.resolve():
+            raise OSError(28, "No space left on device")
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+
+    code, _, err = run_cli(
+        capsys, "reconstruct", volume_path, "--out", volume_path, "--overwrite-input", "--steps", 2, "--quiet"
+    )
+
+    assert code == 1
+    assert "No space left on device" in err
+    assert volume_path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [volume_path]
+
+
+def test_overwrite_input_only_for_out(tmp_path, volume_path, capsys):
+    before = volume_path.read_bytes()
+
+    code, _, err = run_cli(
+        capsys, "reconstruct", volume_path, "--out", tmp_path / "mean.mrc", "--std-out", volume_path,
+        "--method", "langevin", "--overwrite-input", "--quiet",
+    )
+
+    assert code == 2
+    assert "--std-out" in err
+    assert "Only --out may replace the input" in err
+    assert volume_path.read_bytes() == before
+
+
+def test_sidecar_reruns_bit_identical(tmp_path, volume_path, capsys):
+    mean_path = tmp_path / "mean.mrc"
+    std_path = tmp_path / "std.mrc"
+    code, _, err = run_cli(
+        capsys, "reconstruct", volume_path, "--out", mean_path, "--std-out", std_path, "--method", "langevin",
+        "--steps", 6, "--burn-in", 2, "--prior", "tv", "--quiet",
+    )
+    assert code == 0, err
+
+    config = RunConfig.from_parameters(read_sidecar(mean_path)["parameters"])
+    last, _ = reconstruct(read_volume(volume_path).data, config)
+
+    np.testing.assert_array_equal(last.mean, read_mrc(mean_path)[0])
+    np.testing.assert_array_equal(last.std, read_mrc(std_path)[0])

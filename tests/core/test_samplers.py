@@ -172,11 +172,6 @@ def test_non_finite_volume_rejected():
         Reconstruction(volume, gaussian_config())
 
 
-def test_thin_volume_rejected():
-    with pytest.raises(ParameterError, match="too thin"):
-        Reconstruction(observed_volume((1, 8, 8)), gaussian_config())
-
-
 def test_cuda_without_gpu_rejected():
     import torch
 
@@ -192,7 +187,7 @@ def test_divergence_keeps_last_finite_volume():
     config = gaussian_config(method="map", step_size=1e3, steps=200)
     snapshots = []
 
-    with pytest.raises(NonFiniteEnergyError, match="non-finite at step") as raised:
+    with pytest.raises(NonFiniteEnergyError, match=r"non-finite \(NaN or infinite\) at step") as raised:
         for snapshot in Reconstruction(y, config).snapshots():
             snapshots.append(snapshot)
 
