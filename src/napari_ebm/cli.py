@@ -166,12 +166,22 @@ def build_parser():
     view.add_argument(
         "input", nargs="?", metavar="INPUT", help="tomogram to open: an MRC-family file (.mrc .rec .map .st .ali .mrcs) or a TIFF"
     )
+    _add_voxel_size_argument(view)
     view.set_defaults(handler=run_view)
     return parser
 
 
+def _add_voxel_size_argument(parser):
+    parser.add_argument(
+        "--voxel-size", type=finite_float, default=1.0, metavar="A",
+        help="voxel size in Angstrom used on each axis where the file's header has none (0, NaN or infinite); "
+        "a valid header value is always kept (default: 1)",
+    )
+
+
 def _add_reconstruct_arguments(parser):
     parser.add_argument("input", metavar="INPUT", help="input tomogram (MRC or TIFF file)")
+    _add_voxel_size_argument(parser)
     parser.add_argument(
         "--out",
         required=True,
@@ -528,7 +538,7 @@ def run_view(args, command):
     if args.input is not None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            volume = read_volume(args.input)
+            volume = read_volume(args.input, fallback_voxel_size=_fallback_voxel_size(args))
         for warning in caught:
             if issubclass(warning.category, UserWarning) and not issubclass(warning.category, RuntimeWarning):
                 print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
@@ -611,7 +621,7 @@ def _prepare_run(args):
     """
     config = _config_from_args(args)
     input_path = Path(args.input).expanduser()
-    volume = _read_input(input_path)
+    volume = _read_input(input_path, _fallback_voxel_size(args))
     outputs = _plan_outputs(args, config)
     _check_output_paths(input_path, outputs, args.overwrite, args.overwrite_input)
 
@@ -814,11 +824,18 @@ def _is_writable_folder(folder):
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _read_input(input_path):
+def _fallback_voxel_size(args):
+    """Return --voxel-size, or raise ParameterError when it is not > 0."""
+    if not args.voxel_size > 0:
+        raise ParameterError(f"invalid --voxel-size {args.voxel_size!r}: must be a number of Angstrom > 0")
+    return args.voxel_size
+
+
+def _read_input(input_path, fallback_voxel_size=1.0):
     """Read the input volume and print each UserWarning from reading as a warning line."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        volume = read_volume(input_path)
+        volume = read_volume(input_path, fallback_voxel_size=fallback_voxel_size)
     _print_user_warnings(caught, f"reading {input_path}")
     return volume
 

@@ -197,7 +197,7 @@ def read_volume(path: str | os.PathLike, *, fallback_voxel_size: float = 1.0) ->
     VolumeReadError
         If the file is missing, is a folder, is empty, is a Git LFS pointer or has an
         unsupported suffix. Also if it is not a valid MRC or TIFF file, is truncated, uses an
-        MRC mode other than 0, 1, 2, 6 or 12, contains a 2D image, or contains NaN or infinite
+        MRC mode other than 0, 1, 2, 6 or 12, or contains NaN or infinite
         values in the checked sections. Errors from mrcfile, tifffile and the operating system
         are re-raised as VolumeReadError. The message names the file, the problem and what to
         do.
@@ -638,11 +638,8 @@ def _check_mrc_mode_and_shape(path: Path, layout: _MrcLayout) -> None:
             f"{advice}"
         )
 
-    if layout.nz == 1:
-        raise VolumeReadError(
-            f"{path} is a 2D image of shape ({layout.ny}, {layout.nx}); napari-ebm "
-            f"reconstructs 3D volumes. Open a 3D volume (z, y, x) instead."
-        )
+    # A file with one section is read as a volume of shape (1, ny, nx), so an output written from
+    # it has one section too.
 
 
 def _mode_0_dtype(path: Path, layout: _MrcLayout) -> np.dtype:
@@ -725,7 +722,8 @@ def _map_mrc_data(path: Path, layout: _MrcLayout) -> np.ndarray:
 
 
 _MRC_VOXEL_SIZE_ADVICE = (
-    "set the voxel size in the file's header, for example with mrcfile (mrc.voxel_size = the "
+    "pass the voxel size on the command line (--voxel-size, in Angstrom), set the layer's scale "
+    "in napari, or set it in the file's header, for example with mrcfile (mrc.voxel_size = the "
     "size in Angstrom), and open the file again."
 )
 
@@ -790,6 +788,9 @@ def _read_tiff(path: Path, fallback: float) -> Volume:
             f"it again or save it again."
         )
 
+    if data.ndim == 2 and samples_per_pixel == 1:
+        # A single image is read as a volume with one section, like an MRC file with nz = 1.
+        data, axes = data[np.newaxis], "Z" + axes
     _check_tiff_shape(path, data, axes, samples_per_pixel)
 
     voxel_size = _tiff_voxel_size(path, imagej_metadata, x_resolution, y_resolution, fallback)
@@ -823,11 +824,6 @@ def _check_tiff_shape(path: Path, data: np.ndarray, axes: str, samples_per_pixel
             f"{path} is a colour image with {samples_per_pixel} samples per pixel (shape "
             f"{data.shape}, axes {axes}). napari-ebm needs a single-channel 3D volume (z, y, x), "
             f"so convert it to greyscale first."
-        )
-    if data.ndim == 2:
-        raise VolumeReadError(
-            f"{path} is a 2D image of shape {data.shape}; napari-ebm reconstructs 3D volumes. "
-            f"Open a 3D volume (z, y, x) instead."
         )
     if "C" in axes:
         raise VolumeReadError(

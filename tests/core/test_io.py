@@ -294,10 +294,6 @@ def _make_mode(folder, mode):
     return path, [f"mode {mode}"]
 
 
-def _make_2d(folder):
-    path = _write_test_mrc(folder / "image.mrc", _float_volume((1, 6, 7)))
-    return path, ["2D image of shape (6, 7)", "3D volumes"]
-
 
 def _make_nan(folder):
     data = _float_volume((40, 5, 6))
@@ -343,7 +339,6 @@ BAD_INPUTS = {
     "mode7": lambda folder: _make_mode(folder, 7),
     "mode101": lambda folder: _make_mode(folder, 101),
     "mode99": lambda folder: _make_mode(folder, 99),
-    "image_2d": _make_2d,
     "nan": _make_nan,
     "png": _make_png,
     "corrupt_tiff": _make_corrupt_tiff,
@@ -911,12 +906,25 @@ def test_tiff_pixel_unit_uses_fallback(tmp_path):
     assert volume.voxel_size == (7.0, 7.0, 7.0)
 
 
-def test_tiff_2d_image_rejected(tmp_path):
+def test_tiff_2d_image_reads_one_section(tmp_path):
     path = tmp_path / "image.tif"
-    tifffile.imwrite(path, _float_volume((1, 6, 7))[0])
+    image = _float_volume((1, 6, 7))[0]
+    tifffile.imwrite(path, image)
 
-    with pytest.raises(VolumeReadError, match=r"2D image of shape \(6, 7\)"):
-        read_volume(path)
+    volume = read_volume(path, fallback_voxel_size=2.0)
+
+    assert volume.data.shape == (1, 6, 7)
+    np.testing.assert_array_equal(volume.data[0], image)
+
+
+def test_single_section_mrc_reads_one_section(tmp_path):
+    data = _float_volume((1, 6, 7))
+    path = _write_test_mrc(tmp_path / "image.mrc", data)
+
+    volume = read_volume(path)
+
+    assert volume.data.shape == (1, 6, 7)
+    np.testing.assert_array_equal(volume.data, data)
 
 
 def test_rgb_tiff_rejected(tmp_path):
