@@ -466,9 +466,9 @@ def _add_train_arguments(parser):
     )
     parser.add_argument("--learning-rate", type=finite_float, default=2e-3, metavar="LR", help="Adam learning rate (default: 0.002)")
     parser.add_argument(
-        "--architecture", choices=["residual_conv_energy", "squared_conv_energy", "conv_energy"], default="residual_conv_energy",
-        help="energy network: (x - D(x))^2 / 2 with a bounded network D, which keeps MAP from drifting; squared "
-        "network outputs; or plain network outputs (default: residual_conv_energy)",
+        "--architecture", choices=["conv_energy", "squared_conv_energy", "residual_conv_energy"], default="conv_energy",
+        help="energy network: a sum of per-voxel network outputs; their squares, which are bounded below; or "
+        "(x - D(x))^2 / (2 tau^2) with a bounded network D, which grows away from the data (default: conv_energy)",
     )
     parser.add_argument(
         "--objective", choices=["dsm", "dsm+cd"], default="dsm",

@@ -88,8 +88,9 @@ class SquaredConvEnergy(ConvEnergy):
 class ResidualConvEnergy(ConvEnergy):
     """A gradient-step energy: half the squared distance of x from a bounded denoised volume.
 
-    The per-voxel energy is (x - D(x))^2 / 2 with D(x) = bound * tanh((x + h(x)) / bound), where
-    h is the convolutional network of :class:`ConvEnergy`, so D starts near the identity. Because |D(x)| < bound, the energy grows
+    The per-voxel energy is (x - D(x))^2 / (2 tau^2) with D(x) = bound * tanh((x + h(x)) / bound),
+    where h is the convolutional network of :class:`ConvEnergy`, so D starts near the identity,
+    and tau is a trained scale: at the noise level tau, D is a denoiser. Because |D(x)| < bound, the energy grows
     at least like (|x| - bound)^2 / 2 per voxel, so MAP and Langevin cannot drift to large
     values along directions that the data do not constrain, such as the missing wedge. The form
     follows the gradient-step denoisers of Hurault, Leclaire and Papadakis (2022).
@@ -110,11 +111,12 @@ class ResidualConvEnergy(ConvEnergy):
             raise ValueError(f"bound must be > 0, got {bound!r}")
         self.bound = float(bound)
         self.hyperparameters["bound"] = self.bound
+        self.log_tau = nn.Parameter(torch.zeros(()))
 
     def voxel_energies(self, x):
-        """Return the per-voxel energies (x - D(x))^2 / 2 of volumes ``x`` of shape (batch, z, y, x)."""
+        """Return the per-voxel energies (x - D(x))^2 / (2 tau^2) of volumes ``x`` (batch, z, y, x)."""
         denoised = self.bound * torch.tanh((x + super().voxel_energies(x)) / self.bound)
-        return 0.5 * (x - denoised) ** 2
+        return 0.5 * (x - denoised) ** 2 * torch.exp(-2.0 * self.log_tau)
 
 
 class LearnedPrior(Prior):

@@ -97,7 +97,7 @@ class TrainingConfig:
     batch_size: int = 4
     noise_levels: list = field(default_factory=lambda: [0.3, 0.5, 0.8])
     learning_rate: float = 2e-3
-    architecture: str = "residual_conv_energy"
+    architecture: str = "conv_energy"
     channels: int = 8
     depth: int = 3
     quadratic: float = 0.01
@@ -231,7 +231,9 @@ def estimate_lipschitz(network, volumes, config, iterations=10):
         (product,) = torch.autograd.grad((gradient * vector).sum(), point)
         eigenvalue = float((product * vector).sum())
         vector = product.detach()
-    return 2.0 * max(abs(eigenvalue), config.quadratic, 1e-3)
+    # The residual energy has curvature 1 / tau^2 wherever D saturates, which one patch may miss.
+    floor = float(torch.exp(-2.0 * network.log_tau)) if hasattr(network, "log_tau") else 0.0
+    return 2.0 * max(abs(eigenvalue), config.quadratic, floor, 1e-3)
 
 
 class Trainer:
