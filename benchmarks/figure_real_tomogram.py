@@ -1,8 +1,9 @@
 """Draw the before/after picture of the README: the real microtubule tomogram and its MAP estimate.
 
-Runs MAP with a prior on src/napari_ebm/data/microtubule_13pf.mrc and writes a PNG, scaled 3x, with the XY
-slice at the middle z (top) and the XZ slice at the middle y (bottom), the input on the left and
-the estimate on the right, each shown between its 1st and 99th percentile.
+Runs MAP with a prior on src/napari_ebm/data/microtubule_13pf.mrc and writes a PNG, scaled 3x.
+The top row is the XY slice at the middle z and the bottom row the XZ slice at the middle y. The
+input is on the left and the estimate on the right, each shown between its 1st and 99th
+percentile.
 
     .venv/bin/python benchmarks/figure_real_tomogram.py --prior phantom_dsm --steps 60
 """

@@ -73,7 +73,7 @@ class SquaredConvEnergy(ConvEnergy):
 
     The per-voxel energy is r^2 / 2, where r is the output of the same convolutional network.
     An unbounded per-voxel output can decrease without limit along directions that the data
-    do not constrain, such as the missing wedge, and MAP then drifts away; a square cannot.
+    do not constrain, such as the missing wedge, so MAP can drift away. A square cannot.
     The parameters are those of :class:`ConvEnergy`.
     """
 
