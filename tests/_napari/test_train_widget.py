@@ -51,3 +51,16 @@ def test_invalid_name_not_started(train_widget):
 
     assert not train_widget.start()
     assert train_widget.status.text().startswith("not started: invalid prior name")
+
+
+def test_objective_choice_reaches_training(train_widget, qtbot):
+    train_widget.name_edit.setText("with_cd")
+    train_widget.iterations_spin.setValue(100_000)
+    train_widget.objective_combo.setCurrentText("dsm+cd")
+
+    assert train_widget.start()
+    objective = train_widget._trainer.config.objective
+    train_widget.stop_button.click()
+    qtbot.waitUntil(lambda: not train_widget.is_running(), timeout=120_000)
+
+    assert objective == "dsm+cd"
