@@ -430,7 +430,8 @@ def test_unset_cell_warns_once(tmp_path):
     assert "axes z, y, x" in messages[0]
     assert "values 0, 0, 0 Angstrom" in messages[0]
     assert "fallback voxel size of 1 Angstrom" in messages[0]
-    assert "set the voxel size in the file's header" in messages[0]
+    assert "set it in the file's header" in messages[0]
+    assert "--voxel-size" in messages[0]
 
 
 def test_one_zero_axis_warns_once(tmp_path):
