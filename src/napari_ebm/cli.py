@@ -466,9 +466,10 @@ def _add_train_arguments(parser):
     )
     parser.add_argument("--learning-rate", type=finite_float, default=2e-3, metavar="LR", help="Adam learning rate (default: 0.002)")
     parser.add_argument(
-        "--architecture", choices=["conv_energy", "squared_conv_energy", "residual_conv_energy"], default="conv_energy",
-        help="energy network: a sum of per-voxel network outputs; their squares, which are bounded below; or "
-        "(x - D(x))^2 / (2 tau^2) with a bounded network D, which grows away from the data (default: conv_energy)",
+        "--architecture", choices=["tv_conv_energy", "conv_energy", "squared_conv_energy", "residual_conv_energy"], default="tv_conv_energy",
+        help="energy network: a sum of per-voxel network outputs plus a trained multiple of total variation; "
+        "the network outputs alone; their squares, which are bounded below; or "
+        "(x - D(x))^2 / (2 tau^2) with a bounded network D, which grows away from the data (default: tv_conv_energy)",
     )
     parser.add_argument(
         "--objective", choices=["dsm", "dsm+cd"], default="dsm",

@@ -6,10 +6,12 @@ and Langevin. A small quadratic term keeps the energy bounded below, so Langevin
 to infinity along directions the network never saw.
 """
 
+import math
+
 import torch
 from torch import nn
 
-from .priors import Prior
+from .priors import Prior, forward_differences
 
 # Architectures that a prior file may name, with the keyword arguments they accept.
 ARCHITECTURES = {}
@@ -117,6 +119,43 @@ class ResidualConvEnergy(ConvEnergy):
         """Return the per-voxel energies (x - D(x))^2 / (2 tau^2) of volumes ``x`` (batch, z, y, x)."""
         denoised = self.bound * torch.tanh((x + super().voxel_energies(x)) / self.bound)
         return 0.5 * (x - denoised) ** 2 * torch.exp(-2.0 * self.log_tau)
+
+
+@register_architecture
+class TVConvEnergy(ConvEnergy):
+    """A :class:`ConvEnergy` plus a trained multiple of smoothed total variation.
+
+    The per-voxel energy is the network's output plus a * (sqrt(|grad x|^2 + eps^2) - eps), with
+    a > 0 trained with the network. Total variation alone already fills the missing wedge
+    well, so the network only has to learn what it misses.
+
+    Parameters
+    ----------
+    channels, depth, quadratic
+        As for :class:`ConvEnergy`.
+    eps : float
+        Smoothing of the total variation in normalised units, > 0.
+    """
+
+    architecture = "tv_conv_energy"
+
+    def __init__(self, channels=16, depth=4, quadratic=0.01, eps=0.1):
+        super().__init__(channels=channels, depth=depth, quadratic=quadratic)
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.eps = float(eps)
+        self.hyperparameters["eps"] = self.eps
+        self.log_tv_weight = nn.Parameter(torch.tensor(math.log(0.5)))
+
+    def curvature_floor(self):
+        """Return the Lipschitz constant of the gradient of the total variation term."""
+        return float(torch.exp(self.log_tv_weight.detach())) * 12.0 / self.eps
+
+    def voxel_energies(self, x):
+        """Return the per-voxel energies of volumes ``x`` of shape (batch, z, y, x)."""
+        dz, dy, dx = forward_differences(x)
+        variation = torch.sqrt(dz * dz + dy * dy + dx * dx + self.eps**2) - self.eps
+        return super().voxel_energies(x) + torch.exp(self.log_tv_weight) * variation
 
 
 class LearnedPrior(Prior):

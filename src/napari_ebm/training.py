@@ -66,8 +66,8 @@ class TrainingConfig:
     learning_rate : float
         Adam learning rate, > 0.
     architecture : str
-        A registered network architecture: "residual_conv_energy", "squared_conv_energy" or
-        "conv_energy" (see :mod:`napari_ebm.networks`).
+        A registered network architecture: "tv_conv_energy", "conv_energy",
+        "squared_conv_energy" or "residual_conv_energy" (see :mod:`napari_ebm.networks`).
     channels, depth : int
         Network size (see :class:`napari_ebm.networks.ConvEnergy`).
     quadratic : float
@@ -97,7 +97,7 @@ class TrainingConfig:
     batch_size: int = 4
     noise_levels: list = field(default_factory=lambda: [0.3, 0.5, 0.8])
     learning_rate: float = 2e-3
-    architecture: str = "conv_energy"
+    architecture: str = "tv_conv_energy"
     channels: int = 8
     depth: int = 3
     quadratic: float = 0.01
@@ -232,7 +232,9 @@ def estimate_lipschitz(network, volumes, config, iterations=10):
         eigenvalue = float((product * vector).sum())
         vector = product.detach()
     # The residual energy has curvature 1 / tau^2 wherever D saturates, which one patch may miss.
-    floor = float(torch.exp(-2.0 * network.log_tau)) if hasattr(network, "log_tau") else 0.0
+    floor = float(torch.exp(-2.0 * network.log_tau.detach())) if hasattr(network, "log_tau") else 0.0
+    if hasattr(network, "curvature_floor"):
+        floor = max(floor, network.curvature_floor())
     return 2.0 * max(abs(eigenvalue), config.quadratic, floor, 1e-3)
 
 

@@ -8,7 +8,8 @@ import torch
 
 from napari_ebm.cli import main
 from napari_ebm.metrics import fourier_shell_correlation, psnr, ssim
-from napari_ebm.networks import ResidualConvEnergy, SquaredConvEnergy
+from napari_ebm.networks import ConvEnergy, ResidualConvEnergy, SquaredConvEnergy, TVConvEnergy
+from napari_ebm.priors import TotalVariationPrior
 from napari_ebm.prior_files import load_prior
 from napari_ebm.run import Reconstruction, RunConfig
 from napari_ebm.errors import ParameterError
@@ -244,3 +245,16 @@ def test_learned_prior_run_scales_by_signal(tmp_path):
     # The noise sigma in the input's units does not depend on the normalisation.
     assert learned.noise_sigma == pytest.approx(2.0)
     assert learned.scale < hand_made.scale
+
+
+def test_tv_energy_adds_weighted_variation():
+    network = TVConvEnergy(channels=4, depth=2, eps=0.1)
+    plain = ConvEnergy(channels=4, depth=2)
+    plain.load_state_dict({key: value for key, value in network.state_dict().items() if key != "log_tv_weight"})
+    x = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    variation = TotalVariationPrior(eps=0.1)(x[0])
+    expected = plain(x) + float(torch.exp(network.log_tv_weight)) * variation
+
+    torch.testing.assert_close(network(x), expected)
+    assert network.curvature_floor() == pytest.approx(0.5 * 12.0 / 0.1)
