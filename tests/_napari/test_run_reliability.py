@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 from napari.utils.notifications import NotificationSeverity, notification_manager
+from prior_helpers import CallCountingPrior
 
 from napari_ebm._napari.streaming import OutputLayers
-from napari_ebm.priors import PRIORS, Prior
+from napari_ebm.priors import Prior
 from napari_ebm.run import Snapshot
 
 pytestmark = pytest.mark.gui
@@ -30,23 +31,18 @@ RUN_TIMEOUT_MS = 120_000
 VOLUME_BYTES = 128**3 * 4
 
 
-class WarnsAtStepFive(Prior):
+class WarnsAtStepFive(CallCountingPrior):
     """l2 energy that raises a UserWarning at its fifth evaluation, that is at Langevin step 5."""
 
     name = "warns_at_step_5"
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 5:
-            warnings.warn("synthetic warning from the prior", UserWarning, stacklevel=2)
-        return 0.5 * (x * x).sum()
+    def on_call(self, calls, x, energy):
+        if calls == 5:
+            warnings.warn("synthetic warning from the prior", UserWarning, stacklevel=3)
+        return energy
 
 
-class WarnsWhenCreated(Prior):
+class WarnsWhenCreated(CallCountingPrior):
     """l2 energy whose construction raises a UserWarning."""
 
     name = "warns_when_created"
@@ -54,9 +50,6 @@ class WarnsWhenCreated(Prior):
     def __init__(self):
         super().__init__()
         warnings.warn("synthetic warning while creating the prior", UserWarning, stacklevel=2)
-
-    def forward(self, x):
-        return 0.5 * (x * x).sum()
 
 
 class OutOfMemoryPrior(Prior):
@@ -68,45 +61,34 @@ class OutOfMemoryPrior(Prior):
         raise MemoryError("synthetic allocation failure")
 
 
-class FailsAtStepTwo(Prior):
+class FailsAtStepTwo(CallCountingPrior):
     """l2 energy that raises at its second evaluation, that is at Langevin step 2."""
 
     name = "fails_at_step_2"
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 2:
+    def on_call(self, calls, x, energy):
+        if calls == 2:
             raise ValueError("synthetic failure in the prior")
-        return 0.5 * (x * x).sum()
+        return energy
 
 
-class SlowPrior(Prior):
-    """l2 energy that sleeps 0.1 s per evaluation and counts its evaluations in a class attribute."""
+class SlowPrior(CallCountingPrior):
+    """l2 energy that sleeps 0.1 s per evaluation and counts its evaluations in ``total_calls``."""
 
     name = "slow_l2"
-    calls = 0
 
-    def forward(self, x):
-        type(self).calls += 1
+    def on_call(self, calls, x, energy):
         time.sleep(0.1)
-        return 0.5 * (x * x).sum()
+        return energy
 
 
 TEST_PRIORS = (WarnsAtStepFive, WarnsWhenCreated, OutOfMemoryPrior, FailsAtStepTwo, SlowPrior)
 
 
 @pytest.fixture
-def test_priors():
-    SlowPrior.calls = 0
+def test_priors(register_prior):
     for prior in TEST_PRIORS:
-        PRIORS.register(prior.name, prior.__doc__)(prior)
-    yield
-    for prior in TEST_PRIORS:
-        PRIORS.unregister(prior.name)
+        register_prior(prior.name, prior, prior.__doc__)
 
 
 @pytest.fixture
@@ -329,11 +311,11 @@ def test_close_viewer_during_run(widget, qtbot, capfd, caplog, qtlog):
     qtbot.waitUntil(lambda: len(widget._trace) >= 2, timeout=RUN_TIMEOUT_MS)
     viewer.close()
     qtbot.waitUntil(worker.done.is_set, timeout=RUN_TIMEOUT_MS)
-    calls_after_close = SlowPrior.calls
+    calls_after_close = SlowPrior.total_calls
     qtbot.wait(500)
 
     assert worker.abort_requested
-    assert SlowPrior.calls == calls_after_close
+    assert SlowPrior.total_calls == calls_after_close
     assert widget._worker is None
     assert "widget closing, stopping the worker" in caplog.text
     out, err = capfd.readouterr()

@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 from napari.utils.notifications import NotificationSeverity, notification_manager
+from prior_helpers import CallCountingPrior
 
 from napari_ebm._napari.widget import ReconstructionWidget
-from napari_ebm.priors import PRIORS, Prior
 from napari_ebm.resample import fourier_resample
 
 pytestmark = pytest.mark.gui
@@ -96,27 +96,23 @@ def test_second_run_reuses_layers(widget, qtbot):
     assert [viewer.layers[name].unique_id for name in ("cube sample", "cube mean", "cube std")] == first_ids
 
 
-class CountingPrior(Prior):
+class CountingPrior(CallCountingPrior):
     """l2 energy that counts its evaluations, one per Langevin step, and takes at least 20 ms each.
 
-    The count is a class attribute, so a test can read it while the run's worker evaluates the prior.
+    The count is the class attribute ``total_calls``, so a test can read it while the run's worker
+    evaluates the prior.
     """
 
     name = "counting_l2"
-    calls = 0
 
-    def forward(self, x):
-        type(self).calls += 1
+    def on_call(self, calls, x, energy):
         time.sleep(0.02)
-        return 0.5 * (x * x).sum()
+        return energy
 
 
 @pytest.fixture
-def counting_prior():
-    CountingPrior.calls = 0
-    PRIORS.register("counting_l2", "l2 energy that counts its evaluations")(CountingPrior)
-    yield "counting_l2"
-    PRIORS.unregister("counting_l2")
+def counting_prior(register_prior):
+    return register_prior("counting_l2", CountingPrior, "l2 energy that counts its evaluations")
 
 
 def test_stop_aborts_within_one_step(counting_prior, widget, qtbot):
@@ -128,7 +124,7 @@ def test_stop_aborts_within_one_step(counting_prior, widget, qtbot):
     assert widget.start()
     qtbot.waitUntil(lambda: len(widget._trace) >= 3, timeout=RUN_TIMEOUT_MS)
     step_shown_at_stop = widget._trace[-1][0]
-    step_started_at_stop = CountingPrior.calls
+    step_started_at_stop = CountingPrior.total_calls
     widget.stop_button.click()
     wait_idle(qtbot, widget)
     qtbot.wait(200)
@@ -164,27 +160,20 @@ def test_pause_holds_the_run(widget, qtbot):
     wait_idle(qtbot, widget)
 
 
-class FailsAtStepThree(Prior):
+class FailsAtStepThree(CallCountingPrior):
     """l2 energy that raises on its third evaluation: one evaluation per Langevin step."""
 
     name = "fails_at_step_3"
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 3:
+    def on_call(self, calls, x, energy):
+        if calls == 3:
             raise ValueError("synthetic failure in the prior")
-        return 0.5 * (x * x).sum()
+        return energy
 
 
 @pytest.fixture
-def failing_prior():
-    PRIORS.register("fails_at_step_3", "raises on its third evaluation")(FailsAtStepThree)
-    yield "fails_at_step_3"
-    PRIORS.unregister("fails_at_step_3")
+def failing_prior(register_prior):
+    return register_prior("fails_at_step_3", FailsAtStepThree, "raises on its third evaluation")
 
 
 def test_step_error_notifies_and_recovers(make_napari_viewer, qtbot, failing_prior):

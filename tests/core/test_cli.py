@@ -16,12 +16,12 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
+from prior_helpers import CallCountingPrior
 
 from napari_ebm import __version__
 from napari_ebm.cli import main
 from napari_ebm.datasets import microtubule_path
 from napari_ebm.io import read_volume
-from napari_ebm.priors import PRIORS, Prior
 from napari_ebm.run import Reconstruction, RunConfig, reconstruct
 
 SHAPE = (16, 20, 18)
@@ -639,50 +639,24 @@ def test_thin_volume_warning_precedes_progress(tmp_path, capsys):
     assert err.index(warning) < err.index("map:")
 
 
-class NaNFromCallSeven(Prior):
+class NaNFromCallSeven(CallCountingPrior):
     """The l2 energy, which is NaN from its seventh evaluation on."""
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        energy = 0.5 * (x * x).sum()
-        return energy * float("nan") if self.calls >= 7 else energy
+    def on_call(self, calls, x, energy):
+        return energy * float("nan") if calls >= 7 else energy
 
 
-class MemoryErrorAtCallThree(Prior):
+class MemoryErrorAtCallThree(CallCountingPrior):
     """The l2 energy, which raises MemoryError on its third evaluation."""
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 3:
+    def on_call(self, calls, x, energy):
+        if calls == 3:
             raise MemoryError("test allocation failure")
-        return 0.5 * (x * x).sum()
+        return energy
 
 
-@pytest.fixture
-def registered_prior():
-    """Register a prior class for one test under the name "cli_test_prior"."""
-    registered = []
-
-    def register(prior_class):
-        PRIORS.register("cli_test_prior", prior_class.__doc__.strip())(prior_class)
-        registered.append("cli_test_prior")
-        return "cli_test_prior"
-
-    yield register
-    for name in registered:
-        PRIORS.unregister(name)
-
-
-def test_nan_energy_exits_1_naming_step(tmp_path, volume_path, capsys, registered_prior):
-    prior = registered_prior(NaNFromCallSeven)
+def test_nan_energy_exits_1_naming_step(tmp_path, volume_path, capsys, register_prior):
+    prior = register_prior("cli_test_prior", NaNFromCallSeven)
     out = tmp_path / "mean.mrc"
 
     code, _, err = run_cli(
@@ -710,8 +684,8 @@ def test_memory_shortage_exits_2(tmp_path, volume_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == [volume_path]
 
 
-def test_out_of_memory_exits_1(tmp_path, volume_path, capsys, registered_prior):
-    prior = registered_prior(MemoryErrorAtCallThree)
+def test_out_of_memory_exits_1(tmp_path, volume_path, capsys, register_prior):
+    prior = register_prior("cli_test_prior", MemoryErrorAtCallThree)
 
     code, _, err = run_cli(
         capsys, "reconstruct", volume_path, "--out", tmp_path / "mean.mrc", "--method", "langevin",

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prior_helpers import CallCountingPrior
 
 from napari_ebm import run as run_module
 from napari_ebm.energy import estimate_noise_sigma
 from napari_ebm.errors import NonFiniteEnergyError, ParameterError, RunError
 from napari_ebm.prior_files import resolve_prior
-from napari_ebm.priors import PRIORS, Prior
+from napari_ebm.priors import Prior
 from napari_ebm.run import (
     THIN_SIDE,
     Reconstruction,
@@ -65,21 +66,6 @@ def gaussian_config(**overrides):
     values = dict(operator="denoise", prior="l2", weight=2.0, noise_sigma=0.5, normalize=False, seed=3)
     values.update(overrides)
     return RunConfig(**values)
-
-
-@pytest.fixture
-def register_prior():
-    """Register prior classes under test names, and unregister them after the test."""
-    names = []
-
-    def register(name, prior_class):
-        PRIORS.register(name, prior_class.__doc__.strip().splitlines()[0])(prior_class)
-        names.append(name)
-        return name
-
-    yield register
-    for name in names:
-        PRIORS.unregister(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,19 +168,13 @@ def test_unusable_shape_rejected(shape, phrase):
 # Divergence
 
 
-class NaNFromCallSeven(Prior):
+class NaNFromCallSeven(CallCountingPrior):
     """The l2 energy, which is NaN from its seventh evaluation on."""
 
     name = "nan_from_call_7"
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        energy = 0.5 * (x * x).sum()
-        return energy * math.nan if self.calls >= 7 else energy
+    def on_call(self, calls, x, energy):
+        return energy * math.nan if calls >= 7 else energy
 
 
 class _ZeroWithNaNGradient(torch.autograd.Function):
@@ -210,19 +190,13 @@ class _ZeroWithNaNGradient(torch.autograd.Function):
         return torch.full(ctx.shape, math.nan, dtype=grad_output.dtype, device=grad_output.device)
 
 
-class NaNGradientFromCallFour(Prior):
+class NaNGradientFromCallFour(CallCountingPrior):
     """The l2 energy, whose gradient is NaN from its fourth evaluation on, while the energy stays finite."""
 
     name = "nan_gradient_from_call_4"
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        energy = 0.5 * (x * x).sum()
-        return energy + _ZeroWithNaNGradient.apply(x) if self.calls >= 4 else energy
+    def on_call(self, calls, x, energy):
+        return energy + _ZeroWithNaNGradient.apply(x) if calls >= 4 else energy
 
 
 def run_until_error(reconstruction):
@@ -419,36 +393,26 @@ def test_memory_estimate_covers_measured_peak(method, prior, side):
     assert estimated <= 1.5 * measured
 
 
-class MemoryErrorAtCallThree(Prior):
+class MemoryErrorAtCallThree(CallCountingPrior):
     """The l2 energy, which raises MemoryError on its third evaluation."""
 
     name = "memory_error_at_call_3"
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 3:
+    def on_call(self, calls, x, energy):
+        if calls == 3:
             raise MemoryError("test allocation failure")
-        return 0.5 * (x * x).sum()
+        return energy
 
 
-class HugeAllocationAtCallThree(Prior):
+class HugeAllocationAtCallThree(CallCountingPrior):
     """The l2 energy, which requests 4 PiB from torch on its third evaluation."""
 
     name = "huge_allocation_at_call_3"
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 3:
+    def on_call(self, calls, x, energy):
+        if calls == 3:
             torch.empty(2**50, dtype=torch.float32)
-        return 0.5 * (x * x).sum()
+        return energy
 
 
 @pytest.mark.parametrize("prior_class", [MemoryErrorAtCallThree, HugeAllocationAtCallThree])
@@ -536,15 +500,15 @@ def test_interleaved_runs_match_single_run():
         np.testing.assert_array_equal(final.std, alone.std)
 
 
-class ThreadSpy(Prior):
+class ThreadSpy(CallCountingPrior):
     """The l2 energy, which records torch's CPU thread count at each evaluation."""
 
     name = "thread_spy"
     seen = []
 
-    def forward(self, x):
+    def on_call(self, calls, x, energy):
         ThreadSpy.seen.append(torch.get_num_threads())
-        return 0.5 * (x * x).sum()
+        return energy
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import math
 
 import numpy as np
 import pytest
+from prior_helpers import CallCountingPrior
 
 from napari_ebm.errors import NonFiniteEnergyError, ParameterError, RunError
-from napari_ebm.priors import PRIORS, Prior
 from napari_ebm.run import Reconstruction, RunConfig, reconstruct
 
 SIGMA = 0.5
@@ -198,27 +198,20 @@ def test_divergence_keeps_last_finite_volume():
     assert math.isfinite(kept.energy)
 
 
-class FailingPrior(Prior):
+class FailingPrior(CallCountingPrior):
     """The l2 energy, which raises on its third evaluation."""
 
     name = "failing"
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 3:
+    def on_call(self, calls, x, energy):
+        if calls == 3:
             raise RuntimeError("synthetic failure")
-        return 0.5 * (x * x).sum()
+        return energy
 
 
 @pytest.fixture
-def failing_prior():
-    PRIORS.register("failing", "fails at its third evaluation")(FailingPrior)
-    yield "failing"
-    PRIORS.unregister("failing")
+def failing_prior(register_prior):
+    return register_prior("failing", FailingPrior, "fails at its third evaluation")
 
 
 def test_step_error_names_step(failing_prior):
