@@ -334,6 +334,10 @@ class ReconstructionWidget(QWidget):
 
         self.normalize_check = QCheckBox("normalise intensities (mean 0, std 1)")
         self.normalize_check.setChecked(True)
+        self.normalize_check.setToolTip(
+            "Scale the input to mean 0 and standard deviation 1 before the run; outputs are in the input's "
+            "units. With a trained prior the scale is the estimated standard deviation of the clean signal."
+        )
 
         self.start_button = QPushButton("Start")
         self.start_button.clicked.connect(self.start)
