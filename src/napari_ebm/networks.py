@@ -63,6 +63,13 @@ class ConvEnergy(nn.Module):
         """Return the per-voxel energies of volumes ``x`` of shape (batch, z, y, x)."""
         return self.body(x.unsqueeze(1)).squeeze(1)
 
+    def curvature_floor(self):
+        """Return a lower bound on the Lipschitz constant of grad E that one patch may not show.
+
+        The plain network has none, so the result is 0.
+        """
+        return 0.0
+
     def forward(self, x):
         """Return the energy of each volume in ``x`` (batch, z, y, x) as a tensor of shape (batch,)."""
         network = self.voxel_energies(x).flatten(1).sum(1)
@@ -114,6 +121,10 @@ class ResidualConvEnergy(ConvEnergy):
         self.bound = float(bound)
         self.hyperparameters["bound"] = self.bound
         self.log_tau = nn.Parameter(torch.zeros(()))
+
+    def curvature_floor(self):
+        """Return 1 / tau^2, the curvature of the energy wherever D saturates."""
+        return float(torch.exp(-2.0 * self.log_tau.detach()))
 
     def voxel_energies(self, x):
         """Return the per-voxel energies (x - D(x))^2 / (2 tau^2) of volumes ``x`` (batch, z, y, x)."""

@@ -128,7 +128,7 @@ class Wedge(Operator):
         self.shape = tuple(int(n) for n in shape)
         self.tilt_range = (float(tilt_range[0]), float(tilt_range[1]))
         self.mask = wedge_mask(self.shape, self.tilt_range, device=device)
-        # The rfft grid holds one of each pair of conjugate frequencies, except in the planes
+        # The rfft grid contains one of each pair of conjugate frequencies, except in the planes
         # kx = 0 and kx = nx / 2, so the other planes count twice.
         weights = torch.full((self.mask.shape[-1],), 2.0, device=self.mask.device)
         weights[0] = 1.0

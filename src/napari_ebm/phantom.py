@@ -1,6 +1,6 @@
 """Synthetic cryo-ET-like phantoms with a known ground truth, and their simulated observation.
 
-A phantom holds what a cellular tomogram shows, with sizes set in Angstrom: vesicles bounded by
+A phantom contains what a cellular tomogram shows, with sizes set in Angstrom: vesicles bounded by
 a lipid bilayer, hollow microtubules and thin actin-like filaments, globular macromolecules
 (two real density maps placed at random orientations and lumpy ribosome-sized particles),
 crowded to a chosen volume fraction, over a weak, smooth ice background. Densities are in
@@ -78,7 +78,7 @@ def _place_map(volume, name, centre, voxel_size, rng):
     half = int(np.ceil(extent * 0.5 * np.sqrt(3)))
     size = 2 * half + 1
 
-    # Each output voxel of the box looks up the map at its rotated position; grid_sample takes
+    # Each output voxel of the box looks up the map at its rotated position. grid_sample takes
     # positions in the map's own normalised coordinates, -1..1 from edge to edge.
     rotation = _random_rotation(rng)
     grid = np.stack(_coordinates((size,) * 3), axis=-1) - half

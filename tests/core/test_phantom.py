@@ -38,9 +38,9 @@ def test_observation_lacks_wedge():
 
     spectrum = np.abs(np.fft.rfftn(observed))
     truth_spectrum = np.abs(np.fft.rfftn(truth))
-    # A frequency along kz alone (angle 90 degrees) is outside the -60..60 range; one along kx
-    # alone (angle 0) is inside and kept unchanged without noise. float32 round-off leaves about
-    # 1e-7 of the largest coefficient at removed frequencies.
+    # A frequency along kz alone (angle 90 degrees) is outside the -60..60 range. One along kx
+    # alone (angle 0) is inside, so without noise it is kept unchanged. float32 round-off leaves
+    # about 1e-7 of the largest coefficient at removed frequencies.
     assert spectrum[5, 0, 0] < 1e-5 * spectrum.max()
     assert truth_spectrum[5, 0, 0] > 1e-4 * spectrum.max()
     assert spectrum[0, 0, 5] == pytest.approx(truth_spectrum[0, 0, 5], rel=1e-3)

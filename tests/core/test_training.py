@@ -1,6 +1,7 @@
 """Training by denoising score matching, checkpoints, and the quality metrics."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -258,3 +259,12 @@ def test_tv_energy_adds_weighted_variation():
 
     torch.testing.assert_close(network(x), expected)
     assert network.curvature_floor() == pytest.approx(0.5 * 12.0 / 0.1)
+
+
+def test_residual_curvature_floor_is_inverse_tau_squared():
+    network = ResidualConvEnergy(channels=4, depth=2)
+    with torch.no_grad():
+        network.log_tau.fill_(math.log(0.5))
+
+    assert network.curvature_floor() == pytest.approx(4.0)
+    assert ConvEnergy(channels=4, depth=2).curvature_floor() == 0.0
