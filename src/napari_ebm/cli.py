@@ -458,6 +458,11 @@ def _add_train_arguments(parser):
     parser.add_argument("--iterations", type=integer, default=800, metavar="N", help="optimiser steps, > 0 (default: 800)")
     parser.add_argument("--channels", type=integer, default=16, metavar="N", help="channels per hidden layer (default: 16)")
     parser.add_argument("--depth", type=integer, default=4, metavar="N", help="hidden 3x3x3 convolution layers (default: 4)")
+    parser.add_argument(
+        "--dilations", type=integer, nargs="+", default=None, metavar="D",
+        help="dilation of each hidden layer, one integer >= 1 per layer (default: all 1); "
+        "the receptive field is 2 * sum + 1 voxels",
+    )
     parser.add_argument("--patch-size", type=integer, default=24, metavar="N", help="training patch side in voxels (default: 24)")
     parser.add_argument("--batch-size", type=integer, default=4, metavar="N", help="patches per iteration (default: 4)")
     parser.add_argument(
@@ -465,6 +470,10 @@ def _add_train_arguments(parser):
         help="DSM noise standard deviations in normalised units (default: 0.2 0.35 0.5 0.7)",
     )
     parser.add_argument("--learning-rate", type=finite_float, default=2e-3, metavar="LR", help="Adam learning rate (default: 0.002)")
+    parser.add_argument(
+        "--schedule", choices=["constant", "cosine"], default="constant",
+        help="learning rate schedule: constant, or cosine decay to 0 at the last iteration (default: constant)",
+    )
     parser.add_argument(
         "--architecture", choices=["tv_conv_energy", "conv_energy", "squared_conv_energy", "residual_conv_energy"], default="tv_conv_energy",
         help="energy network: a sum of per-voxel network outputs plus a trained multiple of total variation; "
@@ -481,10 +490,19 @@ def _add_train_arguments(parser):
     parser.add_argument("--phantoms", type=integer, default=8, metavar="N", help="phantom volumes made without --data (default: 8)")
     parser.add_argument("--voxel-size", type=finite_float, default=10.0, metavar="A", help="phantom voxel size in Angstrom (default: 10)")
     parser.add_argument("--seed", type=integer, default=0, metavar="N", help="seed of initialisation, patches and noise (default: 0)")
+    parser.add_argument(
+        "--threads", type=integer, default=None, metavar="N",
+        help="CPU threads that torch uses for each iteration, >= 1 (default: torch's setting). "
+        "The same seed gives the same weights only with the same number",
+    )
     parser.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (.safetensors) written every --checkpoint-every iterations")
     parser.add_argument("--checkpoint-every", type=integer, default=100, metavar="N", help="iterations between checkpoints (default: 100)")
     parser.add_argument("--resume", default=None, metavar="PATH", help="checkpoint to resume from")
     parser.add_argument("--loss-log", default=None, metavar="PATH.csv", help="write the loss per iteration to this CSV file")
+    parser.add_argument(
+        "--recommended-weight", type=finite_float, default=1.0, metavar="W",
+        help="prior weight recorded in the prior file, used by runs that give none, >= 0 (default: 1)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="allow replacing an existing prior file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -502,12 +520,14 @@ def run_train(args, command):
         raise ParameterError(f"--out {out}: the prior file or its .json exists; choose another name or pass --overwrite")
     if args.resume is not None and not Path(args.resume).is_file():
         raise ParameterError(f"--resume {args.resume}: checkpoint file not found")
+    if args.recommended_weight < 0:
+        raise ParameterError(f"--recommended-weight {args.recommended_weight:g}: must be >= 0")
 
     config = TrainingConfig(
         iterations=args.iterations, patch_size=args.patch_size, batch_size=args.batch_size,
         noise_levels=list(args.noise_levels), learning_rate=args.learning_rate, channels=args.channels,
-        depth=args.depth, phantoms=args.phantoms, voxel_size=args.voxel_size, data_folder=args.data, seed=args.seed,
-        architecture=args.architecture, objective=args.objective, cd_steps=args.cd_steps, cd_step_size=args.cd_step_size, cd_weight=args.cd_weight,
+        depth=args.depth, dilations=args.dilations, schedule=args.schedule, phantoms=args.phantoms, voxel_size=args.voxel_size, data_folder=args.data, seed=args.seed,
+        architecture=args.architecture, objective=args.objective, threads=args.threads, cd_steps=args.cd_steps, cd_step_size=args.cd_step_size, cd_weight=args.cd_weight,
     )
     trainer = Trainer(config, checkpoint=args.resume)
     print(f"training on {trainer.data_description}, from iteration {trainer.iteration}")
@@ -524,7 +544,7 @@ def run_train(args, command):
     if args.loss_log:
         rows = "".join(f"{iteration},{level},{loss}\n" for iteration, level, loss in losses)
         write_text_atomically(Path(args.loss_log), "iteration,noise_level,loss\n" + rows)
-    trainer.save_prior(out, args.name or out.stem, " ".join(command))
+    trainer.save_prior(out, args.name or out.stem, " ".join(command), recommended_weight=args.recommended_weight)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return EXIT_OK
 

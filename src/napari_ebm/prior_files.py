@@ -14,11 +14,12 @@ from pathlib import Path
 import platformdirs
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import EBMError, ParameterError
 from .networks import ARCHITECTURES, LearnedPrior
 from .priors import PRIORS, create_prior
+from .sidecar import write_bytes_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +87,19 @@ def save_prior(path, network, metadata):
     ------
     PriorFileError
         If ``path`` does not end in .safetensors or the metadata is invalid.
+    VolumeWriteError
+        If a file cannot be written; an existing file at that path is left unchanged.
     """
     path = Path(path)
     if path.suffix != PRIOR_SUFFIX:
         raise PriorFileError(f"{path}: a prior file must end in {PRIOR_SUFFIX}")
     validate_metadata(metadata, path.with_suffix(".json"))
 
+    # safetensors.torch.save_file creates the file with mode 0o600 and writes it in place. The
+    # atomic writer gives the user's usual permissions and never leaves half a file.
     state = {key: value.detach().contiguous().cpu() for key, value in network.state_dict().items()}
-    save_file(state, str(path))
-    path.with_suffix(".json").write_text(json.dumps(metadata, indent=2) + "\n")
+    write_bytes_atomically(path, save(state))
+    write_text_atomically(path.with_suffix(".json"), json.dumps(metadata, indent=2) + "\n")
     logger.debug("saved prior %r to %s", metadata["name"], path)
     return path
 

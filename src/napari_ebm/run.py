@@ -267,7 +267,7 @@ def default_threads():
 
 
 @contextlib.contextmanager
-def _intra_op_threads(count):
+def intra_op_threads(count):
     """Set torch's CPU thread count to ``count`` inside the block and restore it afterwards.
 
     torch.set_num_threads applies to the calling thread in OpenMP builds of torch and to the
@@ -751,7 +751,7 @@ class Reconstruction:
 
     def _step(self, map_state, x, noise):
         """Compute one step and return (map_state, x_new, terms, relative change, x_new finite)."""
-        with _intra_op_threads(self.threads):
+        with intra_op_threads(self.threads):
             if self.config.method == "map":
                 map_state, terms, change, _ = map_step(map_state, self.energy, self.step_size)
                 x_new = map_state.x

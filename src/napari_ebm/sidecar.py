@@ -104,7 +104,18 @@ def write_sidecar(output_path, record):
 
 
 def write_text_atomically(path, text):
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and :func:`os.replace`.
+    """Write ``text`` (UTF-8) to ``path`` like :func:`write_bytes_atomically`.
+
+    Raises
+    ------
+    VolumeWriteError
+        If the file cannot be written. The message names the file and the operating system error.
+    """
+    return write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path, data):
+    """Write ``data`` to ``path`` through a temporary file and :func:`os.replace`.
 
     The temporary file ``.<name>.<random>.tmp`` is created in the target's folder and flushed to
     disk before the rename, so ``path`` is either unchanged or complete. The temporary file is
@@ -122,8 +133,8 @@ def write_text_atomically(path, text):
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         created = True
-        with open(descriptor, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
+        with open(descriptor, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

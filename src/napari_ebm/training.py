@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import __version__
 from .errors import ParameterError
@@ -32,6 +32,8 @@ from .io import read_volume
 from .networks import ARCHITECTURES
 from .phantom import make_phantom
 from .prior_files import save_prior
+from .run import intra_op_threads
+from .sidecar import write_bytes_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +67,16 @@ class TrainingConfig:
         DSM noise standard deviations, in normalised units (the clean volumes have std 1).
     learning_rate : float
         Adam learning rate, > 0.
+    schedule : str
+        "constant" keeps the learning rate; "cosine" lowers it along half a cosine from
+        ``learning_rate`` at the first iteration to 0 after the last one.
     architecture : str
         A registered network architecture: "tv_conv_energy", "conv_energy",
         "squared_conv_energy" or "residual_conv_energy" (see :mod:`napari_ebm.networks`).
     channels, depth : int
         Network size (see :class:`napari_ebm.networks.ConvEnergy`).
+    dilations : list of int or None
+        Dilation of each hidden layer, ``depth`` integers >= 1; None means all 1.
     quadratic : float
         Weight of the quadratic term of the energy.
     phantoms : int
@@ -90,6 +97,10 @@ class TrainingConfig:
         Langevin steps of each contrastive divergence chain, >= 1.
     cd_step_size : float
         Langevin step size of the chains in normalised units, > 0.
+    threads : int or None
+        Torch CPU threads of each iteration, >= 1; None keeps torch's setting. The count changes
+        the order of floating-point sums, so the same seed gives identical weights only with
+        the same count.
     """
 
     iterations: int = 300
@@ -97,9 +108,11 @@ class TrainingConfig:
     batch_size: int = 4
     noise_levels: list = field(default_factory=lambda: [0.3, 0.5, 0.8])
     learning_rate: float = 2e-3
+    schedule: str = "constant"
     architecture: str = "tv_conv_energy"
     channels: int = 8
     depth: int = 3
+    dilations: list | None = None
     quadratic: float = 0.01
     phantoms: int = 6
     phantom_size: int = 48
@@ -110,6 +123,7 @@ class TrainingConfig:
     cd_weight: float = 1.0
     cd_steps: int = 10
     cd_step_size: float = 0.01
+    threads: int | None = None
 
 
 @dataclass
@@ -120,6 +134,33 @@ class TrainingSnapshot:
     iterations: int
     loss: float
     noise_level: float
+
+
+# Settings of the shipped prior phantom_dsm, apart from its seed and objective; the "Train prior"
+# widget trains with them. README.md gives the full training command.
+SHIPPED_SETTINGS = {
+    "architecture": "tv_conv_energy",
+    "channels": 16,
+    "depth": 4,
+    "dilations": [1, 2, 4, 1],
+    "noise_levels": [0.2, 0.35, 0.5, 0.7],
+    "phantoms": 8,
+    "schedule": "cosine",
+    "iterations": 2400,
+}
+
+# Learning rate schedules.
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_at(config, iteration):
+    """Return the learning rate of the 0-based ``iteration`` under ``config.schedule``.
+
+    The rate depends on the iteration only, so a resumed run follows the same schedule.
+    """
+    if config.schedule == "cosine":
+        return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * iteration / config.iterations))
+    return config.learning_rate
 
 
 def _normalise(volume):
@@ -255,6 +296,16 @@ class Trainer:
             raise ParameterError(f"invalid noise levels {config.noise_levels!r}: give numbers > 0")
         if config.architecture not in ARCHITECTURES:
             raise ParameterError(f"unknown architecture {config.architecture!r}: choose one of {', '.join(sorted(ARCHITECTURES))}")
+        if config.schedule not in SCHEDULES:
+            raise ParameterError(f"unknown learning rate schedule {config.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if config.dilations is not None and not (
+            len(config.dilations) == config.depth and all(isinstance(d, int) and d >= 1 for d in config.dilations)
+        ):
+            raise ParameterError(
+                f"invalid dilations {config.dilations!r}: give {config.depth} integers >= 1, one per layer (the depth)"
+            )
+        if config.threads is not None and not (isinstance(config.threads, int) and config.threads >= 1):
+            raise ParameterError(f"invalid number of threads {config.threads!r}: must be an integer >= 1")
         if config.objective not in OBJECTIVES:
             raise ParameterError(f"unknown training objective {config.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if config.objective == "dsm+cd":
@@ -271,7 +322,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.network = ARCHITECTURES[config.architecture](
-                channels=config.channels, depth=config.depth, quadratic=config.quadratic
+                channels=config.channels, depth=config.depth, quadratic=config.quadratic, dilations=config.dilations
             )
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.iteration = 0
@@ -289,28 +340,40 @@ class Trainer:
             noise_level = float(config.noise_levels[self.iteration % len(config.noise_levels)])
             noise = torch.from_numpy(generator.standard_normal(clean.shape).astype(np.float32))
 
-            self.optimizer.zero_grad()
-            loss = dsm_loss(self.network, clean, noise_level, noise)
-            if config.objective == "dsm+cd":
-                negative = langevin_chains(self.network, clean, config.cd_steps, config.cd_step_size, generator)
-                loss = loss + config.cd_weight * cd_loss(self.network, clean, negative)
-            if not math.isfinite(loss.item()):
-                raise ParameterError(
-                    f"the training loss became non-finite at iteration {self.iteration + 1}; lower the learning rate"
-                )
-            loss.backward()
-            self.optimizer.step()
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate_at(config, self.iteration)
+            with intra_op_threads(config.threads or torch.get_num_threads()):
+                self.optimizer.zero_grad()
+                loss = dsm_loss(self.network, clean, noise_level, noise)
+                if config.objective == "dsm+cd":
+                    negative = langevin_chains(self.network, clean, config.cd_steps, config.cd_step_size, generator)
+                    loss = loss + config.cd_weight * cd_loss(self.network, clean, negative)
+                if not math.isfinite(loss.item()):
+                    raise ParameterError(
+                        f"the training loss became non-finite at iteration {self.iteration + 1}; lower the learning rate"
+                    )
+                loss.backward()
+                self.optimizer.step()
             self.iteration += 1
             yield TrainingSnapshot(self.iteration, config.iterations, loss.item(), noise_level)
 
     def save_checkpoint(self, path):
-        """Write the network, the optimiser state and the iteration to ``path`` (.safetensors)."""
+        """Write the network, the optimiser state and the iteration to ``path`` (.safetensors).
+
+        The file is replaced atomically, so an interrupted write leaves the previous checkpoint.
+
+        Raises
+        ------
+        VolumeWriteError
+            If the file cannot be written.
+        """
         tensors = {f"network.{key}": value.detach().contiguous() for key, value in self.network.state_dict().items()}
         state = self.optimizer.state_dict()
         for index, values in state["state"].items():
             for key, value in values.items():
                 tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().reshape(-1) if key == "step" else value.detach().contiguous()
-        save_file(tensors, str(path), metadata={"iteration": str(self.iteration), "config": json.dumps(asdict(self.config))})
+        metadata = {"iteration": str(self.iteration), "config": json.dumps(asdict(self.config))}
+        write_bytes_atomically(path, save(tensors, metadata=metadata))
         logger.debug("checkpoint at iteration %d written to %s", self.iteration, path)
 
     def _load_checkpoint(self, path):
@@ -329,8 +392,12 @@ class Trainer:
         self.optimizer.load_state_dict(state)
         logger.debug("resumed from %s at iteration %d", path, self.iteration)
 
-    def save_prior(self, path, name, command, description=None):
-        """Write the trained network as a prior file with its full metadata."""
+    def save_prior(self, path, name, command, description=None, recommended_weight=1.0):
+        """Write the trained network as a prior file with its full metadata.
+
+        ``recommended_weight`` (>= 0) is the weight a run uses when none is given; choose it on
+        validation data, for example with benchmarks/bench_quality.py.
+        """
         config = self.config
         metadata = {
             "name": name,
@@ -345,7 +412,7 @@ class Trainer:
             "data": self.data_description,
             "command": command,
             "seed": int(config.seed),
-            "recommended_weight": 1.0,
+            "recommended_weight": float(recommended_weight),
             "recommended_temperature": 1.0,
             "lipschitz_estimate": estimate_lipschitz(self.network, self.volumes, config),
             "training": {key: value for key, value in asdict(config).items()},

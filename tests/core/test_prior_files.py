@@ -1,7 +1,9 @@
 """Prior files: safetensors weights with JSON metadata, loaded without unpickling."""
 
 import json
+import os
 import pickle
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from napari_ebm.prior_files import (
     save_prior,
 )
 from napari_ebm.run import Reconstruction, RunConfig
+from napari_ebm.training import Trainer, TrainingConfig
 
 
 def metadata(**overrides):
@@ -168,3 +171,18 @@ def test_user_folder_prior_listed(tmp_path, monkeypatch):
     assert rows["membranes"] == ("a small untrained network for tests", 10.0)
     assert rows["tv"][1] is None
     assert isinstance(resolve_prior("membranes"), LearnedPrior)
+
+
+def test_saved_prior_has_ordinary_permissions(tmp_path):
+    trainer = Trainer(TrainingConfig(iterations=1, patch_size=8, batch_size=1, channels=2, depth=1, phantoms=1, phantom_size=16))
+    previous = os.umask(0o022)
+    try:
+        path = trainer.save_prior(tmp_path / "shared.safetensors", "shared", "napari-ebm train")
+        trainer.save_checkpoint(tmp_path / "checkpoint.safetensors")
+    finally:
+        os.umask(previous)
+
+    for written in (path, path.with_suffix(".json"), tmp_path / "checkpoint.safetensors"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "shared.json", "shared.safetensors"]
+    assert load_prior(path).metadata["name"] == "shared"

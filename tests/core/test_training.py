@@ -14,7 +14,7 @@ from napari_ebm.priors import TotalVariationPrior
 from napari_ebm.prior_files import load_prior
 from napari_ebm.run import Reconstruction, RunConfig
 from napari_ebm.errors import ParameterError
-from napari_ebm.training import Trainer, TrainingConfig, cd_loss, langevin_chains
+from napari_ebm.training import Trainer, TrainingConfig, cd_loss, langevin_chains, learning_rate_at
 
 
 def small_config(**overrides):
@@ -69,14 +69,27 @@ def test_train_command_writes_prior(tmp_path, capsys):
 
     code = main([
         "train", "--out", str(out), "--iterations", "3", "--patch-size", "12", "--batch-size", "1",
-        "--channels", "4", "--depth", "2", "--phantoms", "1", "--loss-log", str(log), "--quiet",
+        "--channels", "4", "--depth", "2", "--phantoms", "1", "--loss-log", str(log), "--recommended-weight", "0.5", "--quiet",
     ])
 
     metadata = json.loads(out.with_suffix(".json").read_text())
     assert code == 0
     assert metadata["name"] == "cli_prior"
+    assert metadata["recommended_weight"] == 0.5
+    observed = np.random.default_rng(0).normal(size=(12, 12, 12)).astype(np.float32)
+    assert Reconstruction(observed, RunConfig(prior=str(out), noise_sigma=1.0, steps=1)).weight == 0.5
     assert metadata["command"].startswith("napari-ebm train --out")
     assert len(log.read_text().splitlines()) == 4
+
+
+def test_train_command_rejects_negative_recommended_weight(tmp_path, capsys):
+    out = tmp_path / "prior.safetensors"
+
+    code = main(["train", "--out", str(out), "--recommended-weight", "-1", "--iterations", "1", "--quiet"])
+
+    assert code == 2
+    assert "--recommended-weight -1: must be >= 0" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_train_command_keeps_existing_prior(tmp_path, capsys):
@@ -268,3 +281,84 @@ def test_residual_curvature_floor_is_inverse_tau_squared():
 
     assert network.curvature_floor() == pytest.approx(4.0)
     assert ConvEnergy(channels=4, depth=2).curvature_floor() == 0.0
+
+
+def receptive_radius(network, size=21):
+    """Return how far from the centre voxel its energy depends on the input, in voxels along z."""
+    x = torch.randn(1, size, size, size, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    centre = size // 2
+    (gradient,) = torch.autograd.grad(network.voxel_energies(x)[0, centre, centre, centre], x)
+    reached = gradient[0, :, centre, centre].abs() > 0
+    return int(reached.nonzero().max()) - centre
+
+
+def test_dilations_widen_receptive_field():
+    assert receptive_radius(ConvEnergy(channels=2, depth=2)) == 2
+    assert receptive_radius(ConvEnergy(channels=2, depth=2, dilations=[1, 3])) == 4
+    assert ConvEnergy(channels=2, depth=2, dilations=[1, 3]).hyperparameters["dilations"] == [1, 3]
+
+
+def test_dilated_prior_file_loads(tmp_path):
+    trainer = Trainer(small_config(iterations=2, dilations=[2, 1]))
+    for _ in trainer.iterations():
+        pass
+
+    prior = load_prior(trainer.save_prior(tmp_path / "dilated.safetensors", "dilated", "napari-ebm train"))
+
+    assert prior.metadata["hyperparameters"]["dilations"] == [2, 1]
+    x = torch.randn(12, 12, 12)
+    torch.testing.assert_close(prior(x), trainer.network(x.unsqueeze(0))[0])
+
+
+@pytest.mark.parametrize("dilations", [[1], [1, 0], [1, 1.5]])
+def test_bad_dilations_rejected(dilations):
+    with pytest.raises(ParameterError, match="invalid dilations .*2 integers >= 1"):
+        Trainer(small_config(dilations=dilations))
+
+
+def test_train_command_rejects_dilations_of_wrong_length(tmp_path, capsys):
+    out = tmp_path / "prior.safetensors"
+
+    code = main(["train", "--out", str(out), "--depth", "2", "--dilations", "1", "2", "4", "--iterations", "1", "--quiet"])
+
+    assert code == 2
+    assert "invalid dilations [1, 2, 4]: give 2 integers" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cosine_schedule_falls_to_zero():
+    config = small_config(iterations=10, learning_rate=1e-3, schedule="cosine")
+
+    rates = [learning_rate_at(config, iteration) for iteration in range(10)]
+
+    assert rates[0] == pytest.approx(1e-3)
+    assert rates[5] == pytest.approx(0.5e-3)
+    assert all(later < earlier for earlier, later in zip(rates, rates[1:]))
+    assert learning_rate_at(small_config(learning_rate=1e-3), 5) == 1e-3
+
+
+def test_cosine_schedule_resumes_exactly(tmp_path):
+    uninterrupted = Trainer(small_config(iterations=6, schedule="cosine"))
+    for _ in uninterrupted.iterations():
+        pass
+
+    first = Trainer(small_config(iterations=6, schedule="cosine"))
+    for snapshot in first.iterations():
+        if snapshot.iteration == 3:
+            break
+    first.save_checkpoint(tmp_path / "checkpoint.safetensors")
+    resumed = Trainer(small_config(iterations=6, schedule="cosine"), checkpoint=tmp_path / "checkpoint.safetensors")
+    for _ in resumed.iterations():
+        pass
+
+    for key, value in uninterrupted.network.state_dict().items():
+        torch.testing.assert_close(resumed.network.state_dict()[key], value)
+    constant = Trainer(small_config(iterations=6))
+    for _ in constant.iterations():
+        pass
+    assert not torch.equal(constant.network.body[0].weight, uninterrupted.network.body[0].weight)
+
+
+def test_unknown_schedule_rejected():
+    with pytest.raises(ParameterError, match="unknown learning rate schedule 'step'"):
+        Trainer(small_config(schedule="step"))
