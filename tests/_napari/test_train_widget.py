@@ -3,7 +3,7 @@
 import pytest
 
 from napari_ebm._napari.train_widget import TrainPriorWidget
-from napari_ebm.prior_files import load_prior
+from napari_ebm.prior_files import load_prior, resolve_prior
 
 pytestmark = pytest.mark.gui
 
@@ -64,3 +64,17 @@ def test_objective_choice_reaches_training(train_widget, qtbot):
     qtbot.waitUntil(lambda: not train_widget.is_running(), timeout=120_000)
 
     assert objective == "dsm+cd"
+
+
+def test_widget_trains_with_shipped_settings(train_widget, qtbot):
+    train_widget.name_edit.setText("like_shipped")
+    train_widget.iterations_spin.setValue(100_000)
+
+    assert train_widget.start()
+    config = train_widget._trainer.config
+    train_widget.stop_button.click()
+    qtbot.waitUntil(lambda: not train_widget.is_running(), timeout=120_000)
+
+    shipped = resolve_prior("phantom_dsm").metadata["training"]
+    for key in ("architecture", "channels", "depth", "dilations", "noise_levels", "phantoms", "schedule"):
+        assert getattr(config, key) == shipped[key], key

@@ -1,5 +1,6 @@
 """Dock widget "Train prior": train an energy prior in the background with a live loss curve."""
 
+import copy
 import logging
 
 from napari.qt.threading import create_worker
@@ -22,7 +23,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import EBMError
 from ..prior_files import prior_folders
-from ..training import OBJECTIVES, Trainer, TrainingConfig
+from ..training import OBJECTIVES, SHIPPED_SETTINGS, Trainer, TrainingConfig
 from .plot import EnergyPlot
 from .widget import forward_errors
 
@@ -57,7 +58,7 @@ class TrainPriorWidget(QWidget):
         self.browse_button.clicked.connect(self._browse)
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(1, 1_000_000)
-        self.iterations_spin.setValue(800)
+        self.iterations_spin.setValue(SHIPPED_SETTINGS["iterations"])
         self.voxel_spin = QDoubleSpinBox()
         self.voxel_spin.setRange(0.1, 1000.0)
         self.voxel_spin.setValue(10.0)
@@ -125,17 +126,15 @@ class TrainPriorWidget(QWidget):
                 raise EBMError(f"invalid prior name {name!r}: use letters, digits, '-' and '_'")
             if self.output_path().exists():
                 raise EBMError(f"a prior named {name!r} exists at {self.output_path()}; choose another name")
-            config = TrainingConfig(
+            settings = copy.deepcopy(SHIPPED_SETTINGS)
+            settings.update(
                 iterations=self.iterations_spin.value(),
                 voxel_size=self.voxel_spin.value(),
                 data_folder=self.data_edit.text().strip() or None,
                 seed=self.seed_spin.value(),
-                channels=16,
-                depth=4,
-                phantoms=8,
-                noise_levels=[0.2, 0.35, 0.5, 0.7],
                 objective=self.objective_combo.currentText(),
             )
+            config = TrainingConfig(**settings)
             self._trainer = Trainer(config)
         except EBMError as error:
             self.status.setText(f"not started: {error}")
