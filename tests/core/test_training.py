@@ -11,10 +11,10 @@ from napari_ebm.cli import main
 from napari_ebm.metrics import fourier_shell_correlation, psnr, ssim
 from napari_ebm.networks import ConvEnergy, ResidualConvEnergy, SquaredConvEnergy, TVConvEnergy
 from napari_ebm.priors import TotalVariationPrior
-from napari_ebm.prior_files import load_prior
+from napari_ebm.prior_files import load_prior, resolve_prior
 from napari_ebm.run import Reconstruction, RunConfig
 from napari_ebm.errors import ParameterError
-from napari_ebm.training import Trainer, TrainingConfig, cd_loss, langevin_chains, learning_rate_at
+from napari_ebm.training import Trainer, TrainingConfig, cd_loss, check_drift, langevin_chains, learning_rate_at
 
 
 def small_config(**overrides):
@@ -80,6 +80,7 @@ def test_train_command_writes_prior(tmp_path, capsys):
     assert Reconstruction(observed, RunConfig(prior=str(out), noise_sigma=1.0, steps=1)).weight == 0.5
     assert metadata["command"].startswith("napari-ebm train --out")
     assert len(log.read_text().splitlines()) == 4
+    assert "drift check on held-out phantom 0: MAP" in capsys.readouterr().out
 
 
 def test_train_command_rejects_negative_recommended_weight(tmp_path, capsys):
@@ -362,3 +363,30 @@ def test_cosine_schedule_resumes_exactly(tmp_path):
 def test_unknown_schedule_rejected():
     with pytest.raises(ParameterError, match="unknown learning rate schedule 'step'"):
         Trainer(small_config(schedule="step"))
+
+
+def test_drift_check_flags_a_drifting_prior(tmp_path):
+    trainer = Trainer(small_config(iterations=1, depth=1, channels=1, architecture="conv_energy"))
+    # Per-voxel energy -5 * softplus(x): it keeps falling as x grows, so MAP runs away.
+    with torch.no_grad():
+        first, last = trainer.network.body[0], trainer.network.body[2]
+        first.weight.zero_()
+        first.weight[0, 0, 1, 1, 1] = 1.0
+        first.bias.zero_()
+        last.weight.fill_(-5.0)
+        last.bias.zero_()
+    path = trainer.save_prior(tmp_path / "drifting.safetensors", "drifting", "napari-ebm train")
+
+    check = check_drift(path, voxel_size=10.0, weight=1.0, size=24, steps=30)
+
+    assert check.drifted
+    assert check.map_psnr < check.input_psnr
+
+
+def test_drift_check_passes_shipped_prior():
+    shipped = resolve_prior("phantom_dsm").metadata
+
+    check = check_drift(shipped["file"], voxel_size=10.0, weight=shipped["recommended_weight"], size=32, steps=60)
+
+    assert not check.drifted
+    assert check.map_psnr > check.input_psnr + 1.0
