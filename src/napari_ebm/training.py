@@ -27,12 +27,13 @@ import torch
 from safetensors.torch import load_file, save
 
 from . import __version__
-from .errors import ParameterError
+from .errors import ParameterError, RunError
 from .io import read_volume
+from .metrics import psnr
 from .networks import ARCHITECTURES
-from .phantom import make_phantom
+from .phantom import make_phantom, observe
 from .prior_files import save_prior
-from .run import intra_op_threads
+from .run import RunConfig, intra_op_threads, reconstruct
 from .sidecar import write_bytes_atomically
 
 logger = logging.getLogger(__name__)
@@ -456,11 +457,6 @@ def check_drift(prior_path, voxel_size, weight, size=48, steps=100):
     DriftCheck
         A run that diverges counts as drift, with a MAP PSNR of -inf.
     """
-    from .errors import RunError
-    from .metrics import psnr
-    from .phantom import observe
-    from .run import RunConfig, reconstruct
-
     truth = make_phantom((size,) * 3, voxel_size, seed=0)
     observed = observe(truth, (-60.0, 60.0), noise_sigma=0.5, seed=500)
     config = RunConfig(method="map", prior=str(prior_path), weight=weight, steps=steps, noise_sigma=0.5, seed=0, device="cpu")
