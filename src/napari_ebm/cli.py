@@ -892,9 +892,10 @@ def _describe_run(volume, reconstruction):
     sigma_source = "estimated" if reconstruction.noise_sigma_estimated else "given"
     step_source = "automatic" if config.step_size is None else "given"
     seed_source = "drawn" if config.seed is None else "given"
+    weight_source = "given" if config.weight is not None else "the prior's default"
     return (
         f"{config.method} reconstruction of {shape} voxels (z, y, x), voxel size {voxel_size} Angstrom: "
-        f"noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
+        f"weight {reconstruction.weight:.4g} ({weight_source}), noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
         f"step size {reconstruction.step_size:.4g} ({step_source}), "
         f"seed {reconstruction.seed} ({seed_source}), device {reconstruction.device}, "
         f"{reconstruction.threads} CPU thread{'' if reconstruction.threads == 1 else 's'}"

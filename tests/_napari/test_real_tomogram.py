@@ -62,6 +62,7 @@ def test_shipped_prior_map_then_langevin(tomogram_widget, qtbot):
     assert not np.allclose(estimate.data, observed)
     metadata = estimate.metadata["napari_ebm"]
     assert metadata["parameters"]["prior"] == "phantom_dsm"
+    assert "weight 0.5 (the prior's default)" in tomogram_widget.run_info.text()
     assert metadata["resampled"] is None
     energies = [row[1] for row in metadata["energy_trace"]["rows"]]
     assert energies[-1] < energies[0]

@@ -60,6 +60,7 @@ def test_langevin_streams_into_three_layers(widget, qtbot):
     assert float(viewer.layers["cube std"].data.max()) > 0.0
     assert "noise sigma" in widget.run_info.text()
     assert "(estimated)" in widget.run_info.text()
+    assert "weight" in widget.run_info.text()
 
 
 def test_output_metadata_keeps_trace(widget, qtbot):
@@ -75,7 +76,7 @@ def test_output_metadata_keeps_trace(widget, qtbot):
     assert len(rows) >= 1
     assert rows[-1][1] < rows[0][1]
     assert metadata["parameters"]["noise_sigma_used"] == pytest.approx(0.5)
-    assert "(given)" in widget.run_info.text()
+    assert "noise sigma 0.5 (given)" in widget.run_info.text()
     assert widget.plot.steps[-1] == rows[-1][0]
 
 

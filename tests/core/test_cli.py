@@ -176,6 +176,7 @@ def test_drawn_seed_is_printed_and_recorded(tmp_path, volume_path, capsys):
 
     assert code == 0
     assert f"seed {seed} (drawn)" in stdout
+    assert "weight 1 (the prior's default)" in stdout
 
 
 def test_same_seed_same_langevin_output(tmp_path, volume_path, capsys):

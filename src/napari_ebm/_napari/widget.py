@@ -634,7 +634,9 @@ class ReconstructionWidget(QWidget):
         self.progress.setValue(0)
         sigma_source = "estimated" if reconstruction.noise_sigma_estimated else "given"
         self.status.setText("starting")
+        weight_source = "given" if config.weight is not None else "the prior's default"
         run_info = (
+            f"weight {reconstruction.weight:.4g} ({weight_source}), "
             f"noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), step size {reconstruction.step_size:.4g}, "
             f"seed {reconstruction.seed}, device {reconstruction.device}"
         )
