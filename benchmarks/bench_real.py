@@ -61,8 +61,9 @@ def band_scores(estimate, measured, mask):
 
     # An estimate that is 0 in the band, like the input, is numerically 1e-7 there, not exactly 0.
     norms = float(band_estimate.norm() * band_measured.norm())
-    correlation = float((band_estimate * band_measured).sum()) / norms if norms > 1e-6 * float(band_measured.norm()) ** 2 else 0.0
-    return error, correlation
+    if norms <= 1e-6 * float(band_measured.norm()) ** 2:
+        return error, 0.0
+    return error, float((band_estimate * band_measured).sum()) / norms
 
 
 def row(name, estimate, measured, masks):

@@ -525,7 +525,7 @@ def run_train(args, command):
     if args.resume is not None and not Path(args.resume).is_file():
         raise ParameterError(f"--resume {args.resume}: checkpoint file not found")
     if args.recommended_weight < 0:
-        raise ParameterError(f"--recommended-weight {args.recommended_weight:g}: must be >= 0")
+        raise ParameterError(f"invalid --recommended-weight {args.recommended_weight:g}: must be >= 0")
 
     config = TrainingConfig(
         iterations=args.iterations, patch_size=args.patch_size, batch_size=args.batch_size,

@@ -83,7 +83,7 @@ def test_train_command_writes_prior(tmp_path, capsys):
     assert "drift check on held-out phantom 0: MAP" in capsys.readouterr().out
 
 
-def test_train_command_rejects_negative_recommended_weight(tmp_path, capsys):
+def test_negative_recommended_weight_rejected(tmp_path, capsys):
     out = tmp_path / "prior.safetensors"
 
     code = main(["train", "--out", str(out), "--recommended-weight", "-1", "--iterations", "1", "--quiet"])
@@ -317,7 +317,7 @@ def test_bad_dilations_rejected(dilations):
         Trainer(small_config(dilations=dilations))
 
 
-def test_train_command_rejects_dilations_of_wrong_length(tmp_path, capsys):
+def test_wrong_dilation_count_rejected(tmp_path, capsys):
     out = tmp_path / "prior.safetensors"
 
     code = main(["train", "--out", str(out), "--depth", "2", "--dilations", "1", "2", "4", "--iterations", "1", "--quiet"])
