@@ -28,9 +28,30 @@ def test_training_saves_loadable_prior(train_widget, qtbot, tmp_path):
     qtbot.waitUntil(lambda: not train_widget.is_running(), timeout=120_000)
 
     path = tmp_path / "user" / "tiny.safetensors"
-    assert train_widget.status.text() == f"saved {path}"
-    assert load_prior(path).metadata["name"] == "tiny"
+    assert train_widget.status.text().startswith(f"saved {path}; drift check on held-out phantom 0: MAP ")
+    metadata = load_prior(path).metadata
+    assert metadata["name"] == "tiny"
+    assert metadata["recommended_weight"] == 0.5
     assert train_widget.plot.steps == [1, 2, 3]
+
+
+def test_drift_check_runs_after_saving(train_widget, qtbot, tmp_path):
+    train_widget.name_edit.setText("checked")
+    train_widget.iterations_spin.setValue(2)
+
+    train_widget.start()
+    qtbot.waitUntil(lambda: "checking MAP on held-out phantom 0" in train_widget.status.text(), timeout=120_000)
+
+    # The check cannot be stopped, and a second training cannot start while it runs.
+    assert not train_widget.stop_button.isEnabled()
+    assert not train_widget.start()
+    qtbot.waitUntil(lambda: not train_widget.is_running(), timeout=120_000)
+
+    status = train_widget.status.text()
+    map_psnr, input_psnr = (float(part.split(" dB")[0]) for part in status.split("MAP ")[1].split("observation "))
+    assert input_psnr < 10.0
+    assert status.endswith("; the prior drifts") == (map_psnr <= input_psnr)
+    assert train_widget.start_button.isEnabled()
 
 
 def test_stop_saves_nothing(train_widget, qtbot, tmp_path):
