@@ -58,6 +58,7 @@ PARAMETER_OPTIONS = {
     "step size": "--step-size",
     "temperature": "--temperature",
     "burn-in": "--burn-in",
+    "number of MAP start steps": "--map-start-steps",
     "thinning": "--thin",
     "tolerance": "--tolerance",
     "tilt range": "--tilt-range",
@@ -259,6 +260,14 @@ def _add_reconstruct_arguments(parser):
         default=0,
         metavar="N",
         help="Langevin steps discarded before the mean and std start, >= 0 and < --steps (default: 0)",
+    )
+    run.add_argument(
+        "--map-start-steps",
+        type=integer,
+        default=0,
+        metavar="N",
+        help="Langevin: make the first N steps MAP steps, so the chain starts near the posterior mode "
+        "instead of at the input; they count as burn-in, so N <= --burn-in (default: 0)",
     )
     run.add_argument(
         "--thin",
@@ -743,6 +752,7 @@ def _config_from_args(args):
         step_size=args.step_size,
         temperature=args.temperature,
         burn_in=args.burn_in,
+        map_start_steps=args.map_start_steps,
         thin=args.thin,
         tolerance=args.tolerance,
         seed=args.seed,

@@ -92,6 +92,10 @@ class RunConfig:
         T >= 0 (Langevin); 0 is plain gradient descent.
     burn_in : int
         Langevin steps discarded before the running mean and std start, >= 0 and < steps.
+    map_start_steps : int
+        Langevin: the first ``map_start_steps`` steps are MAP steps from the observation, so the
+        chain starts near the posterior mode instead of at the observation, >= 0 and <= burn_in.
+        They use the MAP step size. Ignored by MAP.
     thin : int
         Every ``thin``-th step after burn-in enters the running mean and std, >= 1.
     tolerance : float
@@ -123,6 +127,7 @@ class RunConfig:
     step_size: float | None = None
     temperature: float = 1.0
     burn_in: int = 0
+    map_start_steps: int = 0
     thin: int = 1
     tolerance: float = 1e-5
     seed: int | None = None
@@ -208,10 +213,18 @@ def validate_config(config):
     _require(_is_number(config.temperature) and config.temperature >= 0, "temperature", config.temperature, "must be a finite number >= 0")
     _require(isinstance(config.burn_in, int) and config.burn_in >= 0, "burn-in", config.burn_in, "must be an integer >= 0")
     _require(isinstance(config.thin, int) and config.thin >= 1, "thinning", config.thin, "must be an integer >= 1")
+    _require(
+        isinstance(config.map_start_steps, int) and not isinstance(config.map_start_steps, bool) and config.map_start_steps >= 0,
+        "number of MAP start steps", config.map_start_steps, "must be an integer >= 0",
+    )
     if config.method == "langevin":
         _require(
             config.burn_in < config.steps, "burn-in", config.burn_in,
             f"must be smaller than the number of steps ({config.steps}) so that samples are kept",
+        )
+        _require(
+            config.map_start_steps <= config.burn_in, "number of MAP start steps", config.map_start_steps,
+            f"must be at most the burn-in ({config.burn_in}), so that the MAP steps do not enter the mean",
         )
     _require(_is_number(config.tolerance) and config.tolerance >= 0, "tolerance", config.tolerance, "must be a finite number >= 0")
     _require(isinstance(config.preview_every, int) and config.preview_every >= 1, "preview interval", config.preview_every, "must be an integer >= 1")
@@ -570,6 +583,8 @@ class Reconstruction:
 
         fraction = AUTO_STEP_FRACTION[config.method]
         self.step_size = config.step_size if config.step_size is not None else fraction / self.energy.lipschitz
+        self.map_start_steps = config.map_start_steps if config.method == "langevin" else 0
+        self.map_step_size = config.step_size if config.step_size is not None else AUTO_STEP_FRACTION["map"] / self.energy.lipschitz
         logger.debug(
             "run %s prepared: %s on %s with %d threads, shape %s, sigma %.4g (%s), step size %.4g, seed %d, "
             "about %s of memory",
@@ -713,11 +728,13 @@ class Reconstruction:
         logger.debug("run %s started", self.run_id)
 
         for step in range(1, config.steps + 1):
-            result, out_of_memory = self._guarded(step, last, self._step, map_state, x, noise)
+            result, out_of_memory = self._guarded(step, last, self._step, map_state, x, noise, step)
             if out_of_memory is not None:
                 map_state = x = x_new = moments = None
                 raise self._out_of_memory_error(step, out_of_memory)
             map_state, x_new, terms, change, volume_finite = result
+            if step == self.map_start_steps:
+                logger.debug("run %s: MAP start finished at step %d, Langevin follows", self.run_id, step)
             result = None
 
             if not (terms.is_finite() and volume_finite):
@@ -749,11 +766,15 @@ class Reconstruction:
 
         logger.debug("run %s finished after %d steps", self.run_id, last.step)
 
-    def _step(self, map_state, x, noise):
+    def _is_map_step(self, step):
+        """Return True when 1-based ``step`` is a MAP step: every step of MAP, the start of Langevin."""
+        return self.config.method == "map" or step <= self.map_start_steps
+
+    def _step(self, map_state, x, noise, step):
         """Compute one step and return (map_state, x_new, terms, relative change, x_new finite)."""
         with intra_op_threads(self.threads):
-            if self.config.method == "map":
-                map_state, terms, change, _ = map_step(map_state, self.energy, self.step_size)
+            if self._is_map_step(step):
+                map_state, terms, change, _ = map_step(map_state, self.energy, self.map_step_size)
                 x_new = map_state.x
             else:
                 x_new, terms = langevin_step(x, self.energy, self.step_size, self.config.temperature, noise)
@@ -824,8 +845,8 @@ class Reconstruction:
             energy=terms.total,
             data_energy=terms.data,
             prior_energy=terms.prior,
-            step_size=self.step_size,
-            temperature=self.config.temperature if self.config.method == "langevin" else 0.0,
+            step_size=self.map_step_size if self._is_map_step(step) else self.step_size,
+            temperature=0.0 if self._is_map_step(step) else self.config.temperature,
             noise_sigma=self.noise_sigma,
             elapsed=time.perf_counter() - started,
             samples=moments.count,

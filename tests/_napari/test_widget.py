@@ -80,6 +80,19 @@ def test_output_metadata_keeps_trace(widget, qtbot):
     assert widget.plot.steps[-1] == rows[-1][0]
 
 
+def test_map_start_reaches_run(widget, qtbot):
+    widget.method_combo.setCurrentText("langevin")
+    widget.burn_in_spin.setValue(3)
+    widget.map_start_spin.setValue(3)
+
+    assert widget.config().map_start_steps == 3
+
+    widget.method_combo.setCurrentText("map")
+
+    assert not widget.map_start_spin.isEnabled()
+    assert widget.config().map_start_steps == 0
+
+
 def test_second_run_reuses_layers(widget, qtbot):
     viewer = widget.viewer
     widget.method_combo.setCurrentText("langevin")

@@ -119,6 +119,19 @@ def test_langevin_writes_mean_and_std(tmp_path, volume_path, capsys):
     assert origin == pytest.approx(ORIGIN, abs=1e-4)
 
 
+def test_langevin_map_start_recorded(tmp_path, volume_path, capsys):
+    mean_path = tmp_path / "mean.mrc"
+
+    code, _, err = run_cli(
+        capsys, "reconstruct", volume_path, "--out", mean_path, "--method", "langevin", "--steps", 8,
+        "--burn-in", 4, "--map-start-steps", 3, "--seed", 1, "--quiet",
+    )
+    parameters = read_sidecar(mean_path)["parameters"]
+
+    assert code == 0, err
+    assert parameters["map_start_steps"] == 3
+
+
 def test_trace_has_row_per_step(tmp_path, volume_path, capsys):
     trace = tmp_path / "trace.csv"
     steps = 7
@@ -286,6 +299,7 @@ INVALID_OPTIONS = [
     (["--std-out", "std.mrc"], "--std-out"),
     (["--method", "langevin", "--steps", "10", "--burn-in", "10"], "--burn-in"),
     (["--method", "langevin", "--steps", "10", "--thin", "20"], "--thin"),
+    (["--method", "langevin", "--steps", "10", "--burn-in", "2", "--map-start-steps", "3"], "--map-start-steps"),
     (["--prior", "nonexistent"], "nonexistent"),
     (["--seed", "-1"], "--seed"),
 ]

@@ -324,6 +324,11 @@ class ReconstructionWidget(QWidget):
         self.steps_spin = self._int_spin(1, 10_000_000, 200)
         self.burn_in_spin = self._int_spin(0, 10_000_000, 50)
         self.burn_in_spin.setToolTip("Langevin steps discarded before the mean and std start")
+        self.map_start_spin = self._int_spin(0, 10_000_000, 0)
+        self.map_start_spin.setToolTip(
+            "Langevin: the first N steps are MAP steps, so the chain starts near the posterior mode; "
+            "they count as burn-in"
+        )
         self.thin_spin = self._int_spin(1, 1_000_000, 1)
         self.seed_spin = self._int_spin(-1, 2**31 - 1, -1)
         self.seed_spin.setSpecialValueText("random")
@@ -392,6 +397,7 @@ class ReconstructionWidget(QWidget):
         form.addRow("step size", self.step_size_edit)
         form.addRow("steps", self.steps_spin)
         form.addRow("burn-in", self.burn_in_spin)
+        form.addRow("MAP start steps", self.map_start_spin)
         form.addRow("thinning", self.thin_spin)
         form.addRow("seed", self.seed_spin)
         form.addRow("device", self.device_combo)
@@ -537,7 +543,7 @@ class ReconstructionWidget(QWidget):
         langevin = self.method_combo.currentText() == "langevin"
         self.tilt_min.setEnabled(wedge and not running)
         self.tilt_max.setEnabled(wedge and not running)
-        for control in (self.temperature_spin, self.burn_in_spin, self.thin_spin):
+        for control in (self.temperature_spin, self.burn_in_spin, self.map_start_spin, self.thin_spin):
             control.setEnabled(langevin and not running)
 
     def _set_running(self, running):
@@ -573,6 +579,7 @@ class ReconstructionWidget(QWidget):
             step_size=parse_optional_positive(self.step_size_edit.text(), "step size"),
             temperature=self.temperature_spin.value(),
             burn_in=self.burn_in_spin.value(),
+            map_start_steps=self.map_start_spin.value() if self.method_combo.currentText() == "langevin" else 0,
             thin=self.thin_spin.value(),
             seed=None if self.seed_spin.value() < 0 else self.seed_spin.value(),
             device=self.device_combo.currentText(),
