@@ -468,6 +468,11 @@ def _add_train_arguments(parser):
     parser.add_argument("--channels", type=integer, default=16, metavar="N", help="channels per hidden layer (default: 16)")
     parser.add_argument("--depth", type=integer, default=4, metavar="N", help="hidden 3x3x3 convolution layers (default: 4)")
     parser.add_argument(
+        "--quadratic", type=finite_float, default=0.01, metavar="A",
+        help="weight A >= 0 of the term A * ||x||^2 / 2 added to the network's energy, in normalised units; "
+        "a larger A keeps MAP from drifting to large values (default: 0.01)",
+    )
+    parser.add_argument(
         "--dilations", type=integer, nargs="+", default=None, metavar="D",
         help="dilation of each hidden layer, one integer >= 1 per layer (default: all 1); "
         "the receptive field is 2 * sum + 1 voxels",
@@ -539,7 +544,7 @@ def run_train(args, command):
     config = TrainingConfig(
         iterations=args.iterations, patch_size=args.patch_size, batch_size=args.batch_size,
         noise_levels=list(args.noise_levels), learning_rate=args.learning_rate, channels=args.channels,
-        depth=args.depth, dilations=args.dilations, schedule=args.schedule, phantoms=args.phantoms, voxel_size=args.voxel_size, data_folder=args.data, seed=args.seed,
+        depth=args.depth, quadratic=args.quadratic, dilations=args.dilations, schedule=args.schedule, phantoms=args.phantoms, voxel_size=args.voxel_size, data_folder=args.data, seed=args.seed,
         architecture=args.architecture, objective=args.objective, threads=args.threads, cd_steps=args.cd_steps, cd_step_size=args.cd_step_size, cd_weight=args.cd_weight,
     )
     trainer = Trainer(config, checkpoint=args.resume)

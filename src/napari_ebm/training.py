@@ -79,7 +79,7 @@ class TrainingConfig:
     dilations : list of int or None
         Dilation of each hidden layer, ``depth`` integers >= 1; None means all 1.
     quadratic : float
-        Weight of the quadratic term of the energy.
+        Weight A >= 0 of the term A * ||x||^2 / 2 of the energy, in normalised units.
     phantoms : int
         Number of phantom volumes made when no data folder is given.
     phantom_size : int
@@ -298,6 +298,8 @@ class Trainer:
             raise ParameterError(f"invalid patch size {config.patch_size!r}: must be an integer >= 8")
         if not config.noise_levels or not all(s > 0 for s in config.noise_levels):
             raise ParameterError(f"invalid noise levels {config.noise_levels!r}: give numbers > 0")
+        if not (isinstance(config.quadratic, (int, float)) and math.isfinite(config.quadratic) and config.quadratic >= 0):
+            raise ParameterError(f"invalid quadratic weight {config.quadratic!r}: must be a finite number >= 0")
         if config.architecture not in ARCHITECTURES:
             raise ParameterError(f"unknown architecture {config.architecture!r}: choose one of {', '.join(sorted(ARCHITECTURES))}")
         if config.schedule not in SCHEDULES:

@@ -327,6 +327,22 @@ def test_wrong_dilation_count_rejected(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_negative_quadratic_rejected(tmp_path, capsys):
+    out = tmp_path / "prior.safetensors"
+
+    code = main(["train", "--out", str(out), "--quadratic", "-0.1", "--iterations", "1", "--quiet"])
+
+    assert code == 2
+    assert "invalid quadratic weight -0.1: must be a finite number >= 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_quadratic_weight_reaches_network():
+    trainer = Trainer(small_config(quadratic=0.1))
+
+    assert trainer.network.hyperparameters["quadratic"] == 0.1
+
+
 def test_cosine_schedule_falls_to_zero():
     config = small_config(iterations=10, learning_rate=1e-3, schedule="cosine")
 
