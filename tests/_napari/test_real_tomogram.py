@@ -70,6 +70,7 @@ def test_shipped_prior_map_then_langevin(tomogram_widget, qtbot):
     tomogram_widget.method_combo.setCurrentText("langevin")
     tomogram_widget.steps_spin.setValue(3)
     tomogram_widget.burn_in_spin.setValue(1)
+    tomogram_widget.map_start_spin.setValue(1)
     run_to_end(qtbot, tomogram_widget)
 
     for name in ("microtubule_13pf sample", "microtubule_13pf mean", "microtubule_13pf std"):
@@ -77,4 +78,6 @@ def test_shipped_prior_map_then_langevin(tomogram_widget, qtbot):
     assert not np.allclose(viewer.layers["microtubule_13pf sample"].data, observed)
     assert not np.allclose(viewer.layers["microtubule_13pf mean"].data, observed)
     assert float(viewer.layers["microtubule_13pf std"].data.max()) > 0.0
-    assert viewer.layers["microtubule_13pf sample"].metadata["napari_ebm"]["parameters"]["prior"] == "phantom_dsm"
+    sample_parameters = viewer.layers["microtubule_13pf sample"].metadata["napari_ebm"]["parameters"]
+    assert sample_parameters["prior"] == "phantom_dsm"
+    assert sample_parameters["map_start_steps"] == 1
