@@ -150,7 +150,8 @@ SHIPPED_SETTINGS = {
     "iterations": 2400,
 }
 
-# The prior weight recorded in the shipped prior, chosen by MAP PSNR on validation phantom 0.
+# The prior weight recorded in the shipped prior, chosen by MAP PSNR on the validation phantom of
+# benchmarks/bench_quality.py.
 SHIPPED_RECOMMENDED_WEIGHT = 0.5
 
 # Learning rate schedules.
