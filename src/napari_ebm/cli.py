@@ -567,7 +567,7 @@ def run_train(args, command):
 
     if not args.no_drift_check:
         check = check_drift(out, config.voxel_size, args.recommended_weight)
-        print(f"drift check on held-out phantom 0: MAP {check.map_psnr:.2f} dB PSNR, observation {check.input_psnr:.2f} dB")
+        print(check.summary())
         if check.drifted:
             print(
                 f"{PROG}: warning: MAP with {out} ended further from the truth than the observation, so the prior "

@@ -581,10 +581,9 @@ class Reconstruction:
         self._preview_requested = False
         self._latest = None
 
-        fraction = AUTO_STEP_FRACTION[config.method]
-        self.step_size = config.step_size if config.step_size is not None else fraction / self.energy.lipschitz
+        self.step_size = self._resolve_step_size(config.method)
+        self.map_step_size = self._resolve_step_size("map")
         self.map_start_steps = config.map_start_steps if config.method == "langevin" else 0
-        self.map_step_size = config.step_size if config.step_size is not None else AUTO_STEP_FRACTION["map"] / self.energy.lipschitz
         logger.debug(
             "run %s prepared: %s on %s with %d threads, shape %s, sigma %.4g (%s), step size %.4g, seed %d, "
             "about %s of memory",
@@ -596,6 +595,12 @@ class Reconstruction:
         thin_message = _thin_volume_message(self.input_shape, config.operator)
         if thin_message is not None:
             warnings.warn(thin_message, UserWarning, stacklevel=2)
+
+    def _resolve_step_size(self, method):
+        """Return the given step size, or the automatic one of ``method``: a fraction of 1 / L."""
+        if self.config.step_size is not None:
+            return self.config.step_size
+        return AUTO_STEP_FRACTION[method] / self.energy.lipschitz
 
     def _check_memory(self):
         """Raise ParameterError when the estimated memory of the run exceeds the free memory."""

@@ -439,6 +439,10 @@ class DriftCheck:
         """True when MAP ended further from the truth than the observation it started from."""
         return not self.map_psnr > self.input_psnr
 
+    def summary(self):
+        """Return the one-line result that the command line and the widget show."""
+        return f"drift check on held-out phantom 0: MAP {self.map_psnr:.2f} dB PSNR, observation {self.input_psnr:.2f} dB"
+
 
 def check_drift(prior_path, voxel_size, weight, size=48, steps=100):
     """Run MAP with a prior file on held-out phantom 0 and compare it with the observation.

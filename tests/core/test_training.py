@@ -83,13 +83,20 @@ def test_train_command_writes_prior(tmp_path, capsys):
     assert "drift check on held-out phantom 0: MAP" in capsys.readouterr().out
 
 
-def test_negative_recommended_weight_rejected(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--recommended-weight", "-1"], "--recommended-weight -1: must be >= 0"),
+        (["--quadratic", "-0.1"], "invalid quadratic weight -0.1: must be a finite number >= 0"),
+    ],
+)
+def test_negative_train_option_rejected(tmp_path, capsys, options, message):
     out = tmp_path / "prior.safetensors"
 
-    code = main(["train", "--out", str(out), "--recommended-weight", "-1", "--iterations", "1", "--quiet"])
+    code = main(["train", "--out", str(out), *options, "--iterations", "1", "--quiet"])
 
     assert code == 2
-    assert "--recommended-weight -1: must be >= 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -324,16 +331,6 @@ def test_wrong_dilation_count_rejected(tmp_path, capsys):
 
     assert code == 2
     assert "invalid dilations [1, 2, 4]: give 2 integers" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_negative_quadratic_rejected(tmp_path, capsys):
-    out = tmp_path / "prior.safetensors"
-
-    code = main(["train", "--out", str(out), "--quadratic", "-0.1", "--iterations", "1", "--quiet"])
-
-    assert code == 2
-    assert "invalid quadratic weight -0.1: must be a finite number >= 0" in capsys.readouterr().err
     assert not out.exists()
 
 

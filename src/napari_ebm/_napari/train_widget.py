@@ -224,17 +224,15 @@ class TrainPriorWidget(QWidget):
         worker.start()
 
     def _on_drift_checked(self, path, check):
-        logger.debug("drift check of %s: MAP %.2f dB, observation %.2f dB", path, check.map_psnr, check.input_psnr)
-        self.status.setText(
-            f"saved {path}; drift check on held-out phantom 0: MAP {check.map_psnr:.2f} dB PSNR, "
-            f"observation {check.input_psnr:.2f} dB"
-        )
+        logger.debug("%s: %s", path, check.summary())
+        status = f"saved {path}; {check.summary()}"
         if check.drifted:
-            self.status.setText(self.status.text() + "; the prior drifts")
+            status += "; the prior drifts"
             show_warning(
                 f"Train prior: MAP with {path.name} ended further from the truth than the observation, so the "
                 "prior drifts along the missing wedge. Train again with fewer iterations or another seed"
             )
+        self.status.setText(status)
 
     def _on_drift_check_failed(self, path, error):
         logger.debug("drift check of %s failed: %s", path, error)
