@@ -577,11 +577,24 @@ def run_train(args, command):
     return EXIT_OK
 
 
+def _require_display():
+    """Raise EBMError on Linux when no X11 or Wayland display is set and no Qt platform is chosen."""
+    if not sys.platform.startswith("linux"):
+        return
+    if any(os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")):
+        return
+    raise EBMError(
+        "no display to open napari on: DISPLAY and WAYLAND_DISPLAY are not set. Run it in a desktop "
+        "session, over ssh -X, or under a virtual display, for example: xvfb-run -a bash scripts/view.sh"
+    )
+
+
 def run_view(args, command):
     """Open the napari viewer; return 0 when its window closes.
 
     The input is read before napari starts, so a bad file gets the same one-line error and exit
-    code as in ``reconstruct``.
+    code as in ``reconstruct``. On Linux without a display, Qt would abort the process, so the
+    command then stops with an error that explains how to get one.
     """
     volume = None
     if args.input is not None:
@@ -592,6 +605,7 @@ def run_view(args, command):
             if issubclass(warning.category, UserWarning) and not issubclass(warning.category, RuntimeWarning):
                 print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
 
+    _require_display()
     try:
         from ._napari.launch import open_viewer
     except ImportError as error:

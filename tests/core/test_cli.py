@@ -546,6 +546,18 @@ def test_view_bad_input_exits_2(tmp_path, capsys, name, content, phrase):
     assert "Traceback" not in err
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the display check applies to Linux only")
+def test_view_without_display_exits_2(capsys, monkeypatch):
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+
+    code, _, err = run_cli(capsys, "view")
+
+    assert code == 2
+    assert "no display to open napari on" in err
+    assert "xvfb-run -a bash scripts/view.sh" in err
+
+
 def test_view_missing_file_exits_2(tmp_path, capsys):
     code, _, err = run_cli(capsys, "view", str(tmp_path / "nope.mrc"))
 
