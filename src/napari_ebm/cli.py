@@ -250,9 +250,10 @@ def _add_reconstruct_arguments(parser):
     run.add_argument(
         "--temperature",
         type=finite_float,
-        default=1.0,
+        default=None,
         metavar="T",
-        help="Langevin temperature, >= 0, dimensionless; 0 is gradient descent (default: 1.0)",
+        help="Langevin temperature, >= 0, dimensionless; 0 is gradient descent "
+        "(default: the prior file's recommended temperature, or 1.0 for l2, smooth and tv)",
     )
     run.add_argument(
         "--burn-in",
@@ -517,6 +518,10 @@ def _add_train_arguments(parser):
         "--recommended-weight", type=finite_float, default=1.0, metavar="W",
         help="prior weight recorded in the prior file, used by runs that give none, >= 0 (default: 1)",
     )
+    parser.add_argument(
+        "--recommended-temperature", type=finite_float, default=1.0, metavar="T",
+        help="Langevin temperature recorded in the prior file, used by runs that give none, >= 0 (default: 1)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="allow replacing an existing prior file")
     parser.add_argument(
         "--no-drift-check", action="store_true",
@@ -540,6 +545,8 @@ def run_train(args, command):
         raise ParameterError(f"--resume {args.resume}: checkpoint file not found")
     if args.recommended_weight < 0:
         raise ParameterError(f"invalid --recommended-weight {args.recommended_weight:g}: must be >= 0")
+    if args.recommended_temperature < 0:
+        raise ParameterError(f"invalid --recommended-temperature {args.recommended_temperature:g}: must be >= 0")
 
     config = TrainingConfig(
         iterations=args.iterations, patch_size=args.patch_size, batch_size=args.batch_size,
@@ -562,7 +569,10 @@ def run_train(args, command):
     if args.loss_log:
         rows = "".join(f"{iteration},{level},{loss}\n" for iteration, level, loss in losses)
         write_text_atomically(Path(args.loss_log), "iteration,noise_level,loss\n" + rows)
-    trainer.save_prior(out, args.name or out.stem, " ".join(command), recommended_weight=args.recommended_weight)
+    trainer.save_prior(
+        out, args.name or out.stem, " ".join(command),
+        recommended_weight=args.recommended_weight, recommended_temperature=args.recommended_temperature,
+    )
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
     if not args.no_drift_check:
@@ -922,9 +932,13 @@ def _describe_run(volume, reconstruction):
     step_source = "automatic" if config.step_size is None else "given"
     seed_source = "drawn" if config.seed is None else "given"
     weight_source = "given" if config.weight is not None else "the prior's default"
+    temperature = ""
+    if config.method == "langevin":
+        temperature_source = "given" if config.temperature is not None else "the prior's default"
+        temperature = f"temperature {reconstruction.temperature:.4g} ({temperature_source}), "
     return (
         f"{config.method} reconstruction of {shape} voxels (z, y, x), voxel size {voxel_size} Angstrom: "
-        f"weight {reconstruction.weight:.4g} ({weight_source}), noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
+        f"weight {reconstruction.weight:.4g} ({weight_source}), {temperature}noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
         f"step size {reconstruction.step_size:.4g} ({step_source}), "
         f"seed {reconstruction.seed} ({seed_source}), device {reconstruction.device}, "
         f"{reconstruction.threads} CPU thread{'' if reconstruction.threads == 1 else 's'}"

@@ -216,6 +216,12 @@ def recommended_weight(prior):
     return float(metadata["recommended_weight"]) if metadata else None
 
 
+def recommended_temperature(prior):
+    """Return the prior file's recommended Langevin temperature, or None for a hand-made prior."""
+    metadata = getattr(prior, "metadata", None)
+    return float(metadata["recommended_temperature"]) if metadata else None
+
+
 __all__ = [
     "PriorFileError",
     "list_available_priors",

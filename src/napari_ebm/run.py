@@ -24,7 +24,7 @@ from . import __version__
 from .energy import PosteriorEnergy, estimate_noise_sigma, estimate_signal_std
 from .errors import NonFiniteEnergyError, ParameterError, RunError
 from .operators import OPERATORS, create_operator
-from .prior_files import recommended_weight, resolve_prior
+from .prior_files import recommended_temperature, recommended_weight, resolve_prior
 from .samplers import GaussianNoise, MapState, RunningMoments, langevin_step, map_step
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,9 @@ class RunConfig:
         Number of steps, > 0. MAP may stop earlier at ``tolerance``.
     step_size : float or None
         Step size in normalised units, > 0; None uses a fraction of 1 / L (see AUTO_STEP_FRACTION).
-    temperature : float
-        T >= 0 (Langevin); 0 is plain gradient descent.
+    temperature : float or None
+        T >= 0 (Langevin); 0 is plain gradient descent. None uses the prior file's recommended
+        temperature, or 1 for a hand-made prior.
     burn_in : int
         Langevin steps discarded before the running mean and std start, >= 0 and < steps.
     map_start_steps : int
@@ -125,7 +126,7 @@ class RunConfig:
     noise_sigma: float | None = None
     steps: int = 100
     step_size: float | None = None
-    temperature: float = 1.0
+    temperature: float | None = None
     burn_in: int = 0
     map_start_steps: int = 0
     thin: int = 1
@@ -210,7 +211,11 @@ def validate_config(config):
             _is_number(config.step_size) and config.step_size > 0,
             "step size", config.step_size, "must be a finite number > 0, or unset for the automatic step size",
         )
-    _require(_is_number(config.temperature) and config.temperature >= 0, "temperature", config.temperature, "must be a finite number >= 0")
+    if config.temperature is not None:
+        _require(
+            _is_number(config.temperature) and config.temperature >= 0,
+            "temperature", config.temperature, "must be a finite number >= 0, or unset for the prior's recommended temperature",
+        )
     _require(isinstance(config.burn_in, int) and config.burn_in >= 0, "burn-in", config.burn_in, "must be an integer >= 0")
     _require(isinstance(config.thin, int) and config.thin >= 1, "thinning", config.thin, "must be an integer >= 1")
     _require(
@@ -646,11 +651,9 @@ class Reconstruction:
             self.scale *= signal
             self.normalization = "signal"
         self.noise_sigma = sigma * self.scale
-        recommended = recommended_weight(prior)
-        if config.weight is not None:
-            self.weight = config.weight
-        else:
-            self.weight = recommended if recommended is not None else 1.0
+        # Unset values come from the prior file, or are 1 for a hand-made prior.
+        self.weight = _first_set(config.weight, recommended_weight(prior), 1.0)
+        self.temperature = _first_set(config.temperature, recommended_temperature(prior), 1.0)
         self.energy = PosteriorEnergy(operator, prior, observed_normalised, sigma, self.weight)
         self.initial = observed_normalised
 
@@ -690,6 +693,7 @@ class Reconstruction:
             threads_used=self.threads,
             step_size_used=self.step_size,
             weight_used=self.weight,
+            temperature_used=self.temperature,
             noise_sigma_used=self.noise_sigma,
             noise_sigma_estimated=self.noise_sigma_estimated,
             device_used=str(self.device),
@@ -782,7 +786,7 @@ class Reconstruction:
                 map_state, terms, change, _ = map_step(map_state, self.energy, self.map_step_size)
                 x_new = map_state.x
             else:
-                x_new, terms = langevin_step(x, self.energy, self.step_size, self.config.temperature, noise)
+                x_new, terms = langevin_step(x, self.energy, self.step_size, self.temperature, noise)
                 change = math.inf
             volume_finite = bool(torch.isfinite(x_new).all())
         return map_state, x_new, terms, change, volume_finite
@@ -851,7 +855,7 @@ class Reconstruction:
             data_energy=terms.data,
             prior_energy=terms.prior,
             step_size=self.map_step_size if self._is_map_step(step) else self.step_size,
-            temperature=0.0 if self._is_map_step(step) else self.config.temperature,
+            temperature=0.0 if self._is_map_step(step) else self.temperature,
             noise_sigma=self.noise_sigma,
             elapsed=time.perf_counter() - started,
             samples=moments.count,
@@ -923,6 +927,11 @@ def _thin_volume_message(shape, operator):
         "which affects much of the volume. Check the result, or reconstruct a thicker volume."
     )
     return " ".join(parts)
+
+
+def _first_set(*values):
+    """Return the first of ``values`` that is not None."""
+    return next(value for value in values if value is not None)
 
 
 def _first_line(error):

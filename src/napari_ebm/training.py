@@ -399,11 +399,12 @@ class Trainer:
         self.optimizer.load_state_dict(state)
         logger.debug("resumed from %s at iteration %d", path, self.iteration)
 
-    def save_prior(self, path, name, command, description=None, recommended_weight=1.0):
+    def save_prior(self, path, name, command, description=None, recommended_weight=1.0, recommended_temperature=1.0):
         """Write the trained network as a prior file with its full metadata.
 
         ``recommended_weight`` (>= 0) is the weight a run uses when none is given; choose it on
-        validation data, for example with benchmarks/bench_quality.py.
+        validation data, for example with benchmarks/bench_quality.py. ``recommended_temperature``
+        (>= 0) is the Langevin temperature a run uses when none is given.
         """
         config = self.config
         metadata = {
@@ -420,7 +421,7 @@ class Trainer:
             "command": command,
             "seed": int(config.seed),
             "recommended_weight": float(recommended_weight),
-            "recommended_temperature": 1.0,
+            "recommended_temperature": float(recommended_temperature),
             "lipschitz_estimate": estimate_lipschitz(self.network, self.volumes, config),
             "training": {key: value for key, value in asdict(config).items()},
         }

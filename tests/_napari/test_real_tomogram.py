@@ -81,3 +81,4 @@ def test_shipped_prior_map_then_langevin(tomogram_widget, qtbot):
     sample_parameters = viewer.layers["microtubule_13pf sample"].metadata["napari_ebm"]["parameters"]
     assert sample_parameters["prior"] == "phantom_dsm"
     assert sample_parameters["map_start_steps"] == 1
+    assert "temperature 1 (the prior's default)" in tomogram_widget.run_info.text()

@@ -93,6 +93,17 @@ def test_map_start_reaches_run(widget, qtbot):
     assert widget.config().map_start_steps == 0
 
 
+def test_temperature_unset_uses_recommended(widget):
+    widget.method_combo.setCurrentText("langevin")
+
+    assert widget.temperature_spin.text() == "recommended"
+    assert widget.config().temperature is None
+
+    widget.temperature_spin.setValue(0.3)
+
+    assert widget.config().temperature == pytest.approx(0.3)
+
+
 def test_second_run_reuses_layers(widget, qtbot):
     viewer = widget.viewer
     widget.method_combo.setCurrentText("langevin")

@@ -190,6 +190,20 @@ def test_drawn_seed_is_printed_and_recorded(tmp_path, volume_path, capsys):
     assert code == 0
     assert f"seed {seed} (drawn)" in stdout
     assert "weight 1 (the prior's default)" in stdout
+    assert "temperature" not in stdout
+
+
+def test_langevin_run_line_names_temperature(tmp_path, volume_path, capsys):
+    lines = []
+    for extra in ([], ["--temperature", "0.5"]):
+        out = tmp_path / f"langevin{len(extra)}.mrc"
+        code, stdout, _ = run_cli(capsys, "reconstruct", volume_path, "--out", out, "--method", "langevin", "--steps", 2, "--quiet", *extra)
+        assert code == 0
+        lines.append(stdout)
+
+    assert "temperature 1 (the prior's default)" in lines[0]
+    assert "temperature 0.5 (given)" in lines[1]
+    assert read_sidecar(tmp_path / "langevin2.mrc")["parameters"]["temperature_used"] == 0.5
 
 
 def test_same_seed_same_langevin_output(tmp_path, volume_path, capsys):

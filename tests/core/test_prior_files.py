@@ -161,6 +161,25 @@ def test_explicit_weight_overrides_recommended(prior_path):
     assert reconstruction.weight == 2.0
 
 
+def test_recommended_temperature_reaches_langevin(tmp_path):
+    torch.manual_seed(0)
+    path = save_prior(tmp_path / "cold.safetensors", ConvEnergy(channels=4, depth=2), metadata(recommended_temperature=0.25))
+    volume = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+    common = dict(method="langevin", prior=str(path), noise_sigma=1.0, steps=4, seed=3, threads=1)
+
+    unset = Reconstruction(volume, RunConfig(**common))
+    unset_last = list(unset.snapshots())[-1]
+    given_last = list(Reconstruction(volume, RunConfig(temperature=0.25, **common)).snapshots())[-1]
+    hot = Reconstruction(volume, RunConfig(temperature=2.0, **common))
+
+    assert unset.temperature == 0.25
+    assert unset.parameters()["temperature_used"] == 0.25
+    assert unset_last.temperature == 0.25
+    np.testing.assert_array_equal(unset_last.volume, given_last.volume)
+    assert hot.temperature == 2.0
+    assert Reconstruction(volume, RunConfig(method="langevin", prior="tv", noise_sigma=1.0, steps=1)).temperature == 1.0
+
+
 def test_user_folder_prior_listed(tmp_path, monkeypatch):
     monkeypatch.setattr("napari_ebm.prior_files.prior_folders", lambda: [tmp_path / "priors"])
     (tmp_path / "priors").mkdir()

@@ -69,7 +69,8 @@ def test_train_command_writes_prior(tmp_path, capsys):
 
     code = main([
         "train", "--out", str(out), "--iterations", "3", "--patch-size", "12", "--batch-size", "1",
-        "--channels", "4", "--depth", "2", "--phantoms", "1", "--loss-log", str(log), "--recommended-weight", "0.5", "--quiet",
+        "--channels", "4", "--depth", "2", "--phantoms", "1", "--loss-log", str(log), "--recommended-weight", "0.5",
+        "--recommended-temperature", "0.3", "--quiet",
     ])
 
     metadata = json.loads(out.with_suffix(".json").read_text())
@@ -78,6 +79,8 @@ def test_train_command_writes_prior(tmp_path, capsys):
     assert metadata["recommended_weight"] == 0.5
     observed = np.random.default_rng(0).normal(size=(12, 12, 12)).astype(np.float32)
     assert Reconstruction(observed, RunConfig(prior=str(out), noise_sigma=1.0, steps=1)).weight == 0.5
+    assert metadata["recommended_temperature"] == 0.3
+    assert Reconstruction(observed, RunConfig(method="langevin", prior=str(out), noise_sigma=1.0, steps=1)).temperature == 0.3
     assert metadata["command"].startswith("napari-ebm train --out")
     assert len(log.read_text().splitlines()) == 4
     assert "drift check on held-out phantom 0: MAP" in capsys.readouterr().out
@@ -87,6 +90,7 @@ def test_train_command_writes_prior(tmp_path, capsys):
     ("options", "message"),
     [
         (["--recommended-weight", "-1"], "--recommended-weight -1: must be >= 0"),
+        (["--recommended-temperature", "-0.5"], "--recommended-temperature -0.5: must be >= 0"),
         (["--quadratic", "-0.1"], "invalid quadratic weight -0.1: must be a finite number >= 0"),
     ],
 )

@@ -315,8 +315,12 @@ class ReconstructionWidget(QWidget):
         self.method_combo.setToolTip("map: lowest-energy volume; langevin: posterior samples, mean and std")
         self.method_combo.currentTextChanged.connect(self._update_enabled)
 
-        self.temperature_spin = self._double_spin(0.0, 1e6, 1.0, 4)
-        self.temperature_spin.setToolTip("T >= 0 of p(x) ~ exp(-E(x)/T); 0 is gradient descent")
+        self.temperature_spin = self._double_spin(-1.0, 1e6, -1.0, 4)
+        self.temperature_spin.setSpecialValueText("recommended")
+        self.temperature_spin.setToolTip(
+            "T >= 0 of p(x) ~ exp(-E(x)/T); 0 is gradient descent; 'recommended' uses the prior file's "
+            "recommended temperature, or 1 for l2, smooth and tv"
+        )
 
         self.step_size_edit = QLineEdit("auto")
         self.step_size_edit.setToolTip("step size in normalised units (> 0), or 'auto' for a fraction of 1/L")
@@ -577,7 +581,7 @@ class ReconstructionWidget(QWidget):
             noise_sigma=parse_optional_positive(self.sigma_edit.text(), "noise sigma"),
             steps=self.steps_spin.value(),
             step_size=parse_optional_positive(self.step_size_edit.text(), "step size"),
-            temperature=self.temperature_spin.value(),
+            temperature=None if self.temperature_spin.value() < 0 else self.temperature_spin.value(),
             burn_in=self.burn_in_spin.value(),
             map_start_steps=self.map_start_spin.value() if self.method_combo.currentText() == "langevin" else 0,
             thin=self.thin_spin.value(),
@@ -642,8 +646,11 @@ class ReconstructionWidget(QWidget):
         sigma_source = "estimated" if reconstruction.noise_sigma_estimated else "given"
         self.status.setText("starting")
         weight_source = "given" if config.weight is not None else "the prior's default"
-        run_info = (
-            f"weight {reconstruction.weight:.4g} ({weight_source}), "
+        run_info = f"weight {reconstruction.weight:.4g} ({weight_source}), "
+        if config.method == "langevin":
+            temperature_source = "given" if config.temperature is not None else "the prior's default"
+            run_info += f"temperature {reconstruction.temperature:.4g} ({temperature_source}), "
+        run_info += (
             f"noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), step size {reconstruction.step_size:.4g}, "
             f"seed {reconstruction.seed}, device {reconstruction.device}"
         )
