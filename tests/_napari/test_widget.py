@@ -8,6 +8,7 @@ from napari.utils.notifications import NotificationSeverity, notification_manage
 from prior_helpers import CallCountingPrior
 
 from napari_ebm._napari.widget import ReconstructionWidget
+from napari_ebm.cli import build_parser
 from napari_ebm.resample import fourier_resample
 
 pytestmark = pytest.mark.gui
@@ -91,6 +92,12 @@ def test_map_start_reaches_run(widget, qtbot):
 
     assert not widget.map_start_spin.isEnabled()
     assert widget.config().map_start_steps == 0
+
+
+def test_default_steps_match_cli(widget):
+    cli_defaults = build_parser().parse_args(["reconstruct", "input.mrc", "--out", "out.mrc"])
+
+    assert widget.config().steps == cli_defaults.steps
 
 
 def test_temperature_unset_uses_recommended(widget):
