@@ -26,7 +26,7 @@ from . import __version__
 from .errors import EBMError, NonFiniteEnergyError, ParameterError, RunError, VolumeReadError, VolumeWriteError
 from .io import MRC_SUFFIXES, Volume, read_volume, write_mrc
 from .operators import OPERATORS
-from .prior_files import list_available_priors, resolve_prior
+from .prior_files import list_available_priors, prior_folders, resolve_prior
 from .resample import fourier_resample, voxel_size_mismatch
 from .priors import PRIORS
 from .run import DEVICES, METHODS, Reconstruction, RunConfig, validate_config
@@ -131,7 +131,9 @@ def build_parser():
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     priors = subparsers.add_parser(
-        "priors", parents=[debug_parent], help="list the available priors", description="List the available priors."
+        "priors", parents=[debug_parent], help="list the available priors",
+        description="List the available priors: the built-in ones, then the prior files in these folders: "
+        + ", ".join(str(folder) for folder in prior_folders()) + ".",
     )
     priors.set_defaults(handler=run_priors)
 
@@ -324,8 +326,9 @@ def _add_reconstruct_arguments(parser):
     outputs.add_argument(
         "--trace",
         metavar="PATH.csv",
-        help="CSV file of the energy terms per step, columns step,energy,data_energy,prior_energy "
-        "(default: not written)",
+        help="CSV file of the energy terms per step, columns step,energy,data_energy,prior_energy, each taken "
+        "where the step took its gradient (row 1: the input). prior_energy is unweighted: energy = data_energy "
+        "+ weight * prior_energy (default: not written)",
     )
     outputs.add_argument(
         "--overwrite",

@@ -219,7 +219,7 @@ def make_phantom(shape=(64, 64, 64), voxel_size=10.0, seed=0, crowding=0.15):
     np.maximum(volume, np.minimum(particles, 1.0), out=volume)
 
     ice = rng.normal(size=shape).astype(np.float32)
-    ice = np.fft.irfftn(np.fft.rfftn(ice) * _lowpass(shape, 0.05), s=shape).astype(np.float32)
+    ice = np.fft.irfftn(np.fft.rfftn(ice) * _lowpass(shape, 0.05), s=shape, axes=(0, 1, 2)).astype(np.float32)
     volume += 0.05 * ice / max(float(ice.std()), 1e-6)
     logger.debug("phantom %s at %g A, seed %d, crowding %.2f made", shape, voxel_size, seed, crowding)
     return volume

@@ -136,12 +136,14 @@ def load_prior(path):
     path = Path(path)
     if not path.is_file():
         raise PriorFileError(f"{path}: prior file not found")
-    metadata = read_metadata(path)
 
+    # The weights are checked first, so a file of another format is named as such even when
+    # its .json is missing too.
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise PriorFileError(f"{path}: not a valid safetensors file ({error}); it cannot be loaded as a prior") from None
+    metadata = read_metadata(path)
 
     try:
         # Building the layers draws their initial weights from torch's global random generator.

@@ -82,11 +82,13 @@ def test_energy_differentiable_in_volume(prior_path):
     assert float(gradient.abs().sum()) > 0.0
 
 
-def test_pickle_renamed_is_rejected_unexecuted(tmp_path):
+@pytest.mark.parametrize("with_metadata", [True, False])
+def test_pickle_renamed_is_rejected_unexecuted(tmp_path, with_metadata):
     marker = tmp_path / "executed"
     path = tmp_path / "evil.safetensors"
     path.write_bytes(pickle.dumps(TouchOnUnpickle(marker)))
-    path.with_suffix(".json").write_text(json.dumps(metadata(name="evil")))
+    if with_metadata:
+        path.with_suffix(".json").write_text(json.dumps(metadata(name="evil")))
 
     with pytest.raises(PriorFileError, match="not a valid safetensors file"):
         load_prior(path)
