@@ -513,6 +513,10 @@ def _add_train_arguments(parser):
         help="CPU threads that torch uses for each iteration, >= 1 (default: torch's setting). "
         "The same seed gives the same weights only with the same number",
     )
+    parser.add_argument(
+        "--ema", type=finite_float, default=0.0, metavar="D",
+        help="save an exponential moving average of the weights with decay D, 0 <= D < 1 (default: 0, the last weights)",
+    )
     parser.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (.safetensors) written every --checkpoint-every iterations")
     parser.add_argument("--checkpoint-every", type=integer, default=100, metavar="N", help="iterations between checkpoints (default: 100)")
     parser.add_argument("--resume", default=None, metavar="PATH", help="checkpoint to resume from")
@@ -555,7 +559,7 @@ def run_train(args, command):
         iterations=args.iterations, patch_size=args.patch_size, batch_size=args.batch_size,
         noise_levels=list(args.noise_levels), learning_rate=args.learning_rate, channels=args.channels,
         depth=args.depth, quadratic=args.quadratic, dilations=args.dilations, schedule=args.schedule, phantoms=args.phantoms, voxel_size=args.voxel_size, data_folder=args.data, seed=args.seed,
-        architecture=args.architecture, objective=args.objective, threads=args.threads, cd_steps=args.cd_steps, cd_step_size=args.cd_step_size, cd_weight=args.cd_weight,
+        architecture=args.architecture, objective=args.objective, threads=args.threads, ema=args.ema, cd_steps=args.cd_steps, cd_step_size=args.cd_step_size, cd_weight=args.cd_weight,
     )
     trainer = Trainer(config, checkpoint=args.resume)
     print(f"training on {trainer.data_description}, from iteration {trainer.iteration}")

@@ -16,6 +16,7 @@ Training yields one :class:`TrainingSnapshot` per iteration, like a reconstructi
 saves resumable checkpoints as safetensors files.
 """
 
+import copy
 import json
 import logging
 import math
@@ -102,6 +103,10 @@ class TrainingConfig:
         Torch CPU threads of each iteration, >= 1; None keeps torch's setting. The count changes
         the order of floating-point sums, so the same seed gives identical weights only with
         the same count.
+    ema : float
+        Decay d of an exponential moving average of the weights, 0 <= d < 1; 0 saves the last
+        weights. With d > 0 the saved prior contains the average, updated after iteration t with
+        the decay min(d, (1 + t) / (10 + t)), so the random initial weights fade out early.
     """
 
     iterations: int = 300
@@ -125,6 +130,7 @@ class TrainingConfig:
     cd_steps: int = 10
     cd_step_size: float = 0.01
     threads: int | None = None
+    ema: float = 0.0
 
 
 @dataclass
@@ -313,6 +319,8 @@ class Trainer:
             )
         if config.threads is not None and not (isinstance(config.threads, int) and config.threads >= 1):
             raise ParameterError(f"invalid number of threads {config.threads!r}: must be an integer >= 1")
+        if not (isinstance(config.ema, (int, float)) and 0 <= config.ema < 1):
+            raise ParameterError(f"invalid weight average decay {config.ema!r}: must be >= 0 and < 1")
         if config.objective not in OBJECTIVES:
             raise ParameterError(f"unknown training objective {config.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if config.objective == "dsm+cd":
@@ -332,6 +340,7 @@ class Trainer:
                 channels=config.channels, depth=config.depth, quadratic=config.quadratic, dilations=config.dilations
             )
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
+        self.average = copy.deepcopy(self.network) if config.ema > 0 else None
         self.iteration = 0
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
@@ -361,8 +370,21 @@ class Trainer:
                     )
                 loss.backward()
                 self.optimizer.step()
+                if self.average is not None:
+                    self._update_average()
             self.iteration += 1
             yield TrainingSnapshot(self.iteration, config.iterations, loss.item(), noise_level)
+
+    def _update_average(self):
+        """Move the averaged weights towards the current ones by the decay of this iteration."""
+        decay = min(self.config.ema, (1 + self.iteration) / (10 + self.iteration))
+        with torch.no_grad():
+            for average, current in zip(self.average.parameters(), self.network.parameters()):
+                average.mul_(decay).add_(current.detach(), alpha=1 - decay)
+
+    def trained_network(self):
+        """Return the network that :meth:`save_prior` writes: the weight average, or the last weights."""
+        return self.average if self.average is not None else self.network
 
     def save_checkpoint(self, path):
         """Write the network, the optimiser state and the iteration to ``path`` (.safetensors).
@@ -375,6 +397,8 @@ class Trainer:
             If the file cannot be written.
         """
         tensors = {f"network.{key}": value.detach().contiguous() for key, value in self.network.state_dict().items()}
+        if self.average is not None:
+            tensors.update({f"average.{key}": value.detach().contiguous() for key, value in self.average.state_dict().items()})
         state = self.optimizer.state_dict()
         for index, values in state["state"].items():
             for key, value in values.items():
@@ -390,6 +414,8 @@ class Trainer:
             self.iteration = int(handle.metadata()["iteration"])
         tensors = load_file(str(path))
         self.network.load_state_dict({key[len("network."):]: value for key, value in tensors.items() if key.startswith("network.")})
+        if self.average is not None:
+            self.average.load_state_dict({key[len("average."):]: value for key, value in tensors.items() if key.startswith("average.")})
         state = self.optimizer.state_dict()
         for name, value in tensors.items():
             if name.startswith("optimizer."):
@@ -407,12 +433,13 @@ class Trainer:
         (>= 0) is the Langevin temperature a run uses when none is given.
         """
         config = self.config
+        network = self.trained_network()
         metadata = {
             "name": name,
             "description": description or f"energy network trained by {config.objective.upper()} on {self.data_description}",
             "version": __version__,
             "architecture": config.architecture,
-            "hyperparameters": self.network.hyperparameters,
+            "hyperparameters": network.hyperparameters,
             "training_voxel_size": float(config.voxel_size),
             "normalization": "each training volume scaled to mean 0 and standard deviation 1",
             "noise_levels": [float(s) for s in config.noise_levels],
@@ -422,10 +449,10 @@ class Trainer:
             "seed": int(config.seed),
             "recommended_weight": float(recommended_weight),
             "recommended_temperature": float(recommended_temperature),
-            "lipschitz_estimate": estimate_lipschitz(self.network, self.volumes, config),
+            "lipschitz_estimate": estimate_lipschitz(network, self.volumes, config),
             "training": {key: value for key, value in asdict(config).items()},
         }
-        return save_prior(path, self.network, metadata)
+        return save_prior(path, network, metadata)
 
 
 @dataclass

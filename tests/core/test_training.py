@@ -407,3 +407,49 @@ def test_drift_check_passes_shipped_prior():
 
     assert not check.drifted
     assert check.map_psnr > check.input_psnr + 1.0
+
+
+def test_weight_average_is_saved(tmp_path):
+    trainer = Trainer(small_config(iterations=4, ema=0.9))
+    expected = [parameter.detach().clone() for parameter in trainer.network.parameters()]
+
+    for snapshot in trainer.iterations():
+        decay = min(0.9, snapshot.iteration / (9 + snapshot.iteration))
+        for average, parameter in zip(expected, trainer.network.parameters()):
+            average.mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+    path = trainer.save_prior(tmp_path / "averaged.safetensors", "averaged", "test")
+    saved = load_prior(path).network.state_dict()
+
+    names = [name for name, _ in trainer.network.named_parameters()]
+    for average, name in zip(expected, names):
+        torch.testing.assert_close(saved[name], average)
+    # The energy's constant (the last bias) gets no gradient, so only the other weights move.
+    assert not all(torch.equal(saved[name], parameter.detach()) for name, parameter in trainer.network.named_parameters())
+
+
+def test_weight_average_resumes_exactly(tmp_path):
+    uninterrupted = Trainer(small_config(iterations=6, ema=0.9))
+    for _ in uninterrupted.iterations():
+        pass
+
+    first = Trainer(small_config(iterations=3, ema=0.9))
+    for _ in first.iterations():
+        pass
+    first.save_checkpoint(tmp_path / "checkpoint.safetensors")
+    resumed = Trainer(small_config(iterations=6, ema=0.9), checkpoint=tmp_path / "checkpoint.safetensors")
+    for _ in resumed.iterations():
+        pass
+
+    for key, value in uninterrupted.average.state_dict().items():
+        torch.testing.assert_close(resumed.average.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1])
+def test_invalid_weight_average_rejected(tmp_path, capsys, decay):
+    out = tmp_path / "prior.safetensors"
+
+    code = main(["train", "--out", str(out), "--ema", str(decay), "--iterations", "1", "--quiet"])
+
+    assert code == 2
+    assert f"invalid weight average decay {decay!r}: must be >= 0 and < 1" in capsys.readouterr().err
+    assert not out.exists()
