@@ -105,7 +105,7 @@ class TrainingConfig:
         the same count.
     ema : float
         Decay d of an exponential moving average of the weights, 0 <= d < 1; 0 saves the last
-        weights. With d > 0 the saved prior contains the average, updated after iteration t with
+        weights. With d > 0 the saved prior contains the average, updated after iteration t (from 0) with
         the decay min(d, (1 + t) / (10 + t)), so the random initial weights fade out early.
     """
 
@@ -415,7 +415,9 @@ class Trainer:
         tensors = load_file(str(path))
         self.network.load_state_dict({key[len("network."):]: value for key, value in tensors.items() if key.startswith("network.")})
         if self.average is not None:
-            self.average.load_state_dict({key[len("average."):]: value for key, value in tensors.items() if key.startswith("average.")})
+            average = {key[len("average."):]: value for key, value in tensors.items() if key.startswith("average.")}
+            # A checkpoint written without an average starts it from the resumed weights.
+            self.average.load_state_dict(average or self.network.state_dict())
         state = self.optimizer.state_dict()
         for name, value in tensors.items():
             if name.startswith("optimizer."):

@@ -444,6 +444,18 @@ def test_weight_average_resumes_exactly(tmp_path):
         torch.testing.assert_close(resumed.average.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_average_starts_from_plain_checkpoint(tmp_path):
+    first = Trainer(small_config(iterations=2))
+    for _ in first.iterations():
+        pass
+    first.save_checkpoint(tmp_path / "checkpoint.safetensors")
+
+    resumed = Trainer(small_config(iterations=2, ema=0.9), checkpoint=tmp_path / "checkpoint.safetensors")
+
+    for key, value in first.network.state_dict().items():
+        torch.testing.assert_close(resumed.average.state_dict()[key], value, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("decay", [1.0, -0.1])
 def test_invalid_weight_average_rejected(tmp_path, capsys, decay):
     out = tmp_path / "prior.safetensors"
