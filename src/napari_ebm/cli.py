@@ -29,7 +29,7 @@ from .operators import OPERATORS
 from .prior_files import list_available_priors, prior_folders, resolve_prior
 from .resample import fourier_resample, voxel_size_mismatch
 from .priors import PRIORS
-from .run import DEVICES, METHODS, Reconstruction, RunConfig, validate_config
+from .run import DEVICES, METHODS, Reconstruction, RunConfig, describe_prior_settings, validate_config
 from .sidecar import build_record, sidecar_path, utc_timestamp, write_sidecar, write_text_atomically
 
 logger = logging.getLogger(__name__)
@@ -938,14 +938,9 @@ def _describe_run(volume, reconstruction):
     sigma_source = "estimated" if reconstruction.noise_sigma_estimated else "given"
     step_source = "automatic" if config.step_size is None else "given"
     seed_source = "drawn" if config.seed is None else "given"
-    weight_source = "given" if config.weight is not None else "the prior's default"
-    temperature = ""
-    if config.method == "langevin":
-        temperature_source = "given" if config.temperature is not None else "the prior's default"
-        temperature = f"temperature {reconstruction.temperature:.4g} ({temperature_source}), "
     return (
         f"{config.method} reconstruction of {shape} voxels (z, y, x), voxel size {voxel_size} Angstrom: "
-        f"weight {reconstruction.weight:.4g} ({weight_source}), {temperature}noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
+        f"{describe_prior_settings(reconstruction)}noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), "
         f"step size {reconstruction.step_size:.4g} ({step_source}), "
         f"seed {reconstruction.seed} ({seed_source}), device {reconstruction.device}, "
         f"{reconstruction.threads} CPU thread{'' if reconstruction.threads == 1 else 's'}"

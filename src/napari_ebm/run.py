@@ -929,6 +929,22 @@ def _thin_volume_message(shape, operator):
     return " ".join(parts)
 
 
+def describe_prior_settings(reconstruction):
+    """Return "weight W (source), " and, for Langevin, "temperature T (source), " of a prepared run.
+
+    The source is "given" when the configuration set the value, else "the prior's default".
+    """
+    config = reconstruction.config
+    settings = [("weight", reconstruction.weight, config.weight)]
+    if config.method == "langevin":
+        settings.append(("temperature", reconstruction.temperature, config.temperature))
+    parts = []
+    for name, value, configured in settings:
+        source = "given" if configured is not None else "the prior's default"
+        parts.append(f"{name} {value:.4g} ({source}), ")
+    return "".join(parts)
+
+
 def _first_set(*values):
     """Return the first of ``values`` that is not None."""
     return next(value for value in values if value is not None)

@@ -41,7 +41,7 @@ from ..operators import OPERATORS
 from ..prior_files import PRIOR_SUFFIX, PriorFileError, find_prior_files, list_available_priors, read_metadata
 from ..priors import PRIORS
 from ..resample import VOXEL_SIZE_TOLERANCE, fourier_resample, voxel_size_mismatch
-from ..run import DEVICES, METHODS, Reconstruction, RunConfig
+from ..run import DEVICES, METHODS, Reconstruction, RunConfig, describe_prior_settings
 from .plot import EnergyPlot
 from .streaming import OutputLayers
 
@@ -646,13 +646,8 @@ class ReconstructionWidget(QWidget):
         self.progress.setValue(0)
         sigma_source = "estimated" if reconstruction.noise_sigma_estimated else "given"
         self.status.setText("starting")
-        weight_source = "given" if config.weight is not None else "the prior's default"
-        run_info = f"weight {reconstruction.weight:.4g} ({weight_source}), "
-        if config.method == "langevin":
-            temperature_source = "given" if config.temperature is not None else "the prior's default"
-            run_info += f"temperature {reconstruction.temperature:.4g} ({temperature_source}), "
-        run_info += (
-            f"noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), step size {reconstruction.step_size:.4g}, "
+        run_info = (
+            f"{describe_prior_settings(reconstruction)}noise sigma {reconstruction.noise_sigma:.4g} ({sigma_source}), step size {reconstruction.step_size:.4g}, "
             f"seed {reconstruction.seed}, device {reconstruction.device}"
         )
         if resampled is not None:
