@@ -57,6 +57,15 @@ METHOD_BUFFERS = {"map": 9, "langevin": 11}
 OPERATOR_BUFFERS = {"denoise": 0, "wedge": 5}
 PRIOR_BUFFERS = {"l2": 0, "smooth": 3, "tv": 3}
 
+# Buffers that a learned architecture adds outside its convolutions. The total variation term of
+# tv_conv_energy added 5 over conv_energy in runs of 48^3 and 64^3 voxels.
+ARCHITECTURE_BUFFERS = {"tv_conv_energy": 5}
+
+# Factor on the buffers of a learned prior. The same 48^3 Langevin run with phantom_dsm peaked
+# at 116 MB on the development VM and at 136 MB on the CI machine, so 20 % is added.
+# NOTE: the cause of that difference is not known, so another CPU may need more than 20 %.
+LEARNED_MARGIN = 1.2
+
 # Memory of a run that does not grow with the volume, such as the workspaces of torch's CPU
 # convolutions. The same measurement found about 13 MiB with the 16-channel shipped prior.
 RUN_OVERHEAD_BYTES = 16 * 1024**2
@@ -309,12 +318,13 @@ def estimate_memory(shape, method, prior, operator="wedge"):
     momentum or the noise, the gradient, the running mean and M2 of Langevin, and the autograd
     intermediates of the energy), plus one buffer of margin and :data:`RUN_OVERHEAD_BYTES`.
     A learned prior adds the activations that autograd keeps for each hidden layer of its
-    network: the padded input, the convolution output and the activation output, each with
-    ``channels`` channels, plus the unfolded 3x3x3 input of one convolution (27 buffers per
-    input channel). The CPU convolution unfolds only the first layer when there are 8 channels
-    or more. The counts were measured on a Linux CPU with torch 2.13 (see
-    :data:`METHOD_BUFFERS`), and tests/core/test_reliability.py checks them against the peak
-    resident memory of two runs.
+    network: the input padded by the layer's dilation, the convolution output and the
+    activation output, each with ``channels`` channels, plus the unfolded 3x3x3 input of one
+    convolution (27 buffers per input channel) and :data:`ARCHITECTURE_BUFFERS`. The CPU
+    convolution unfolds only the first layer when there are 8 channels or more. These buffers
+    are multiplied by :data:`LEARNED_MARGIN`. The counts were measured on a Linux CPU with
+    torch 2.13 (see :data:`METHOD_BUFFERS`), and tests/core/test_reliability.py checks them
+    against the peak resident memory of two runs.
 
     Parameters
     ----------
@@ -353,11 +363,12 @@ def estimate_memory(shape, method, prior, operator="wedge"):
         hyperparameters = metadata.get("hyperparameters", {})
         channels = int(hyperparameters.get("channels", 16))
         depth = int(hyperparameters.get("depth", 4))
-        padded = math.prod(n + 2 for n in shape) / voxels
-        activations = channels * depth * (2.0 + padded)
+        dilations = hyperparameters.get("dilations") or [1] * depth
+        padded = sum(math.prod(n + 2 * int(dilation) for n in shape) / voxels for dilation in dilations)
+        activations = channels * (2.0 * len(dilations) + padded)
         unfolded = 27 * (1 + (channels if channels < 8 else 0))
-        # The measured peak of a learned prior varies by a few percent between runs, so 10 % is added.
-        buffers = 1.1 * (METHOD_BUFFERS[method] + operator_buffers + activations + unfolded)
+        extra = ARCHITECTURE_BUFFERS.get(metadata.get("architecture"), 0)
+        buffers = LEARNED_MARGIN * (METHOD_BUFFERS[method] + operator_buffers + activations + unfolded + extra)
     else:
         prior_buffers = PRIOR_BUFFERS.get(getattr(prior, "name", None), max(PRIOR_BUFFERS.values()))
         buffers = METHOD_BUFFERS[method] + max(operator_buffers, prior_buffers) + 1

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -345,6 +346,29 @@ def test_memory_estimate_grows_with_model():
     assert langevin_tv > map_tv
     assert learned - overhead > 10 * (map_tv - overhead)
     assert larger - overhead == 8 * (map_tv - overhead)
+
+
+def test_memory_estimate_dilation_and_tv():
+    shipped = resolve_prior("phantom_dsm")
+    assert shipped.metadata["architecture"] == "tv_conv_energy"
+    assert shipped.metadata["hyperparameters"]["dilations"] == [1, 2, 4, 1]
+
+    def estimate(architecture, dilations):
+        hyperparameters = dict(shipped.metadata["hyperparameters"], dilations=dilations)
+        metadata = dict(shipped.metadata, architecture=architecture, hyperparameters=hyperparameters)
+        return estimate_memory((48, 48, 48), "langevin", SimpleNamespace(metadata=metadata), "wedge")
+
+    buffer = 4 * 48**3
+    plain = estimate("conv_energy", [1, 1, 1, 1])
+    dilated = estimate("conv_energy", [1, 2, 4, 1])
+    with_tv = estimate("tv_conv_energy", [1, 2, 4, 1])
+
+    # Compared with padding by 1 voxel, the layers padded by 2 and 4 voxels add 16 channels of
+    # (52/48)^3 - (50/48)^3 and (56/48)^3 - (50/48)^3 buffers.
+    extra_padding = 16 * ((52**3 - 50**3) + (56**3 - 50**3)) / 48**3
+    assert dilated - plain == pytest.approx(run_module.LEARNED_MARGIN * extra_padding * buffer, rel=1e-6)
+    assert with_tv - dilated == pytest.approx(run_module.LEARNED_MARGIN * 5 * buffer, rel=1e-6)
+    assert with_tv == estimate_memory((48, 48, 48), "langevin", shipped, "wedge")
 
 
 PEAK_SCRIPT = textwrap.dedent(
