@@ -506,7 +506,11 @@ def _add_train_arguments(parser):
     parser.add_argument("--cd-step-size", type=finite_float, default=0.01, metavar="S", help="Langevin step size of the chains (default: 0.01)")
     parser.add_argument("--cd-weight", type=finite_float, default=1.0, metavar="W", help="weight of the contrastive divergence loss (default: 1)")
     parser.add_argument("--phantoms", type=integer, default=8, metavar="N", help="phantom volumes made without --data (default: 8)")
-    parser.add_argument("--voxel-size", type=finite_float, default=10.0, metavar="A", help="phantom voxel size in Angstrom (default: 10)")
+    parser.add_argument(
+        "--voxel-size", type=finite_float, default=None, metavar="A",
+        help="voxel size in Angstrom of the phantoms (default: 10), and of --data volumes whose header has none "
+        "(default: such a volume is rejected). The prior records the training volumes' voxel size",
+    )
     parser.add_argument("--seed", type=integer, default=0, metavar="N", help="seed of initialisation, patches and noise (default: 0)")
     parser.add_argument(
         "--threads", type=integer, default=None, metavar="N",
@@ -518,9 +522,13 @@ def _add_train_arguments(parser):
         help="save an exponential moving average of the weights with decay D, 0 <= D < 1 (default: 0, the last weights)",
     )
     parser.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (.safetensors) written every --checkpoint-every iterations")
-    parser.add_argument("--checkpoint-every", type=integer, default=100, metavar="N", help="iterations between checkpoints (default: 100)")
+    parser.add_argument("--checkpoint-every", type=integer, default=100, metavar="N", help="iterations between checkpoints, > 0 (default: 100)")
     parser.add_argument("--resume", default=None, metavar="PATH", help="checkpoint to resume from")
-    parser.add_argument("--loss-log", default=None, metavar="PATH.csv", help="write the loss per iteration to this CSV file")
+    parser.add_argument(
+        "--loss-log", default=None, metavar="PATH.csv",
+        help="write the loss per iteration to this CSV file; with --resume, the rows up to the checkpoint's "
+        "iteration are kept and the new ones added",
+    )
     parser.add_argument(
         "--recommended-weight", type=finite_float, default=1.0, metavar="W",
         help="prior weight recorded in the prior file, used by runs that give none, >= 0 (default: 1)",
@@ -535,6 +543,20 @@ def _add_train_arguments(parser):
         help="skip the MAP run on a held-out phantom that warns when the new prior drifts (about 10 s)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _loss_log_text(path, losses, resumed_at):
+    """Return the CSV text of the loss log: the rows of ``path`` up to ``resumed_at`` (when
+    resuming and the file exists), then ``losses``."""
+    header = "iteration,noise_level,loss\n"
+    earlier_rows = []
+    if resumed_at is not None and path.exists():
+        for line in path.read_text().splitlines()[1:]:
+            iteration = line.split(",", 1)[0]
+            if iteration.isdigit() and int(iteration) <= resumed_at:
+                earlier_rows.append(line + "\n")
+    rows = "".join(f"{iteration},{level},{loss}\n" for iteration, level, loss in losses)
+    return header + "".join(earlier_rows) + rows
 
 
 def run_train(args, command):
@@ -554,6 +576,14 @@ def run_train(args, command):
         raise ParameterError(f"invalid --recommended-weight {args.recommended_weight:g}: must be >= 0")
     if args.recommended_temperature < 0:
         raise ParameterError(f"invalid --recommended-temperature {args.recommended_temperature:g}: must be >= 0")
+    if args.checkpoint_every < 1:
+        raise ParameterError(f"invalid --checkpoint-every {args.checkpoint_every}: must be > 0")
+    loss_log = Path(args.loss_log) if args.loss_log else None
+    if loss_log is not None:
+        if not loss_log.parent.is_dir():
+            raise ParameterError(f"--loss-log {loss_log}: the folder {loss_log.parent} does not exist")
+        if loss_log.exists() and args.resume is None and not args.overwrite:
+            raise ParameterError(f"--loss-log {loss_log}: the file exists; choose another name, pass --overwrite, or --resume to add to it")
 
     config = TrainingConfig(
         iterations=args.iterations, patch_size=args.patch_size, batch_size=args.batch_size,
@@ -562,6 +592,7 @@ def run_train(args, command):
         architecture=args.architecture, objective=args.objective, threads=args.threads, ema=args.ema, cd_steps=args.cd_steps, cd_step_size=args.cd_step_size, cd_weight=args.cd_weight,
     )
     trainer = Trainer(config, checkpoint=args.resume)
+    resumed_at = trainer.iteration
     print(f"training on {trainer.data_description}, from iteration {trainer.iteration}")
 
     losses = []
@@ -573,9 +604,8 @@ def run_train(args, command):
             if args.checkpoint and snapshot.iteration % args.checkpoint_every == 0:
                 trainer.save_checkpoint(args.checkpoint)
 
-    if args.loss_log:
-        rows = "".join(f"{iteration},{level},{loss}\n" for iteration, level, loss in losses)
-        write_text_atomically(Path(args.loss_log), "iteration,noise_level,loss\n" + rows)
+    if loss_log is not None:
+        write_text_atomically(loss_log, _loss_log_text(loss_log, losses, resumed_at if args.resume else None))
     trainer.save_prior(
         out, args.name or out.stem, " ".join(command),
         recommended_weight=args.recommended_weight, recommended_temperature=args.recommended_temperature,
@@ -583,7 +613,7 @@ def run_train(args, command):
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
     if not args.no_drift_check:
-        check = check_drift(out, config.voxel_size, args.recommended_weight)
+        check = check_drift(out, trainer.voxel_size, args.recommended_weight)
         print(check.summary())
         if check.drifted:
             print(

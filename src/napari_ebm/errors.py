@@ -50,3 +50,7 @@ class NonFiniteEnergyError(RunError):
     def __init__(self, message, step, last_snapshot=None, step_size=None):
         super().__init__(message, step, last_snapshot)
         self.step_size = step_size
+
+
+class MissingVoxelSizeWarning(UserWarning):
+    """A file has no valid voxel size on some axis, so a fallback voxel size was used."""

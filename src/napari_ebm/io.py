@@ -21,7 +21,7 @@ import mrcfile
 import numpy as np
 import tifffile
 
-from napari_ebm.errors import ParameterError, VolumeReadError, VolumeWriteError
+from napari_ebm.errors import MissingVoxelSizeWarning, ParameterError, VolumeReadError, VolumeWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -473,9 +473,9 @@ def _replace_invalid_voxel_sizes(
 
     Warns
     -----
-    UserWarning
+    MissingVoxelSizeWarning
         Once, when one or more sizes are invalid. It names the file, the axes, their values and
-        the fallback.
+        the fallback. It is a UserWarning.
     """
     invalid_axes = [
         axis for axis, value in sizes.items() if not (math.isfinite(value) and value > 0)
@@ -490,7 +490,7 @@ def _replace_invalid_voxel_sizes(
         f"{path} has no valid voxel size on {axis_word} {', '.join(invalid_axes)} ({value_word} "
         f"{values} Angstrom), so the fallback voxel size of {fallback:g} Angstrom is used "
         f"instead. If that is wrong, {advice}",
-        UserWarning,
+        MissingVoxelSizeWarning,
     )
 
     return {axis: fallback if axis in invalid_axes else value for axis, value in sizes.items()}

@@ -156,8 +156,13 @@ def load_prior(path):
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        first_line = str(error).splitlines()[0]
-        raise PriorFileError(f"{path}: the weights do not fit the architecture in the metadata: {first_line}") from None
+        # torch puts a title on the first line and one mismatch per line after it.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise PriorFileError(
+            f"{path}: the weights do not fit the architecture in the metadata ({detail}); "
+            "use the .json that was written with these weights"
+        ) from None
 
     metadata = dict(metadata, file=str(path))
     logger.debug("loaded prior %r from %s", metadata["name"], path)

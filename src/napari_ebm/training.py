@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from . import __version__
-from .errors import ParameterError, RunError
+from .errors import MissingVoxelSizeWarning, ParameterError, RunError
 from .io import read_volume
 from .metrics import psnr
 from .networks import ARCHITECTURES
@@ -85,8 +86,10 @@ class TrainingConfig:
         Number of phantom volumes made when no data folder is given.
     phantom_size : int
         Side of each phantom volume in voxels.
-    voxel_size : float
-        Voxel size of the phantoms in Angstrom, recorded as the prior's training voxel size.
+    voxel_size : float or None
+        Voxel size in Angstrom of the phantoms (None: :data:`PHANTOM_VOXEL_SIZE`), and of the
+        data volumes whose header has none (None: such a volume is rejected). The voxel size of
+        the training volumes is recorded as the prior's training voxel size.
     data_folder : str or None
         Folder of MRC volumes to train on instead of phantoms.
     seed : int
@@ -122,7 +125,7 @@ class TrainingConfig:
     quadratic: float = 0.01
     phantoms: int = 6
     phantom_size: int = 48
-    voxel_size: float = 10.0
+    voxel_size: float | None = None
     data_folder: str | None = None
     seed: int = 0
     objective: str = "dsm"
@@ -163,6 +166,16 @@ SHIPPED_RECOMMENDED_WEIGHT = 0.5
 # Learning rate schedules.
 SCHEDULES = ("constant", "cosine")
 
+# Voxel size of the training phantoms in Angstrom when none is given.
+PHANTOM_VOXEL_SIZE = 10.0
+
+# Largest relative spread of the voxel sizes of the training volumes. A prior learns shapes at
+# one scale, so a folder that mixes scales is rejected.
+VOXEL_SIZE_SPREAD = 0.05
+
+# Checkpoint settings that must match the resumed run, because they define the network.
+NETWORK_SETTINGS = ("architecture", "channels", "depth", "dilations", "quadratic")
+
 
 def learning_rate_at(config, iteration):
     """Return the learning rate of the 0-based ``iteration`` under ``config.schedule``.
@@ -180,35 +193,68 @@ def _normalise(volume):
 
 
 def training_volumes(config):
-    """Return the clean training volumes (normalised to mean 0, std 1) and a description.
+    """Return the clean training volumes (normalised to mean 0, std 1), a description and the voxel size.
+
+    Returns
+    -------
+    volumes : list of numpy.ndarray
+    description : str
+    voxel_size : float
+        Voxel size of the volumes in Angstrom: the phantoms' voxel size, or the mean of the data
+        volumes' voxel sizes.
 
     Raises
     ------
     ParameterError
-        If the data folder does not exist or contains no MRC volume larger than a patch.
+        If the data folder does not exist or contains no MRC volume larger than a patch. Also
+        if a volume has no valid voxel size and ``config.voxel_size`` is None, or if the voxel
+        sizes of the volumes differ by more than :data:`VOXEL_SIZE_SPREAD`.
     """
     if config.data_folder is None:
+        voxel_size = config.voxel_size or PHANTOM_VOXEL_SIZE
         volumes = [
-            _normalise(make_phantom((config.phantom_size,) * 3, config.voxel_size, seed=TRAINING_SEED_OFFSET + index))
+            _normalise(make_phantom((config.phantom_size,) * 3, voxel_size, seed=TRAINING_SEED_OFFSET + index))
             for index in range(config.phantoms)
         ]
         description = (
-            f"{config.phantoms} synthetic phantoms of {config.phantom_size}^3 voxels at {config.voxel_size:g} A "
+            f"{config.phantoms} synthetic phantoms of {config.phantom_size}^3 voxels at {voxel_size:g} A "
             f"(napari_ebm.phantom, seeds {TRAINING_SEED_OFFSET} to {TRAINING_SEED_OFFSET + config.phantoms - 1})"
         )
-        return volumes, description
+        return volumes, description, voxel_size
 
     folder = Path(config.data_folder)
     if not folder.is_dir():
         raise ParameterError(f"training data folder {folder} not found")
     volumes = []
+    sizes = {}
     for path in sorted(folder.glob("*.mrc")):
-        volume = read_volume(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MissingVoxelSizeWarning)
+            volume = read_volume(path, fallback_voxel_size=config.voxel_size or 1.0)
+        if any(issubclass(warning.category, MissingVoxelSizeWarning) for warning in caught):
+            if config.voxel_size is None:
+                raise ParameterError(
+                    f"{path} has no valid voxel size in its header; set it there (for example with mrcfile) "
+                    "or give the voxel size of such volumes (train --voxel-size)"
+                )
+            logger.info("%s has no valid voxel size, so %g A is used", path, config.voxel_size)
         if min(volume.data.shape) >= config.patch_size:
             volumes.append(_normalise(volume.data))
+            sizes[path] = volume.voxel_size
     if not volumes:
         raise ParameterError(f"{folder} contains no .mrc volume with every side >= {config.patch_size} voxels")
-    return volumes, f"{len(volumes)} MRC volumes from {folder}"
+
+    smallest = min(sizes, key=lambda path: min(sizes[path]))
+    largest = max(sizes, key=lambda path: max(sizes[path]))
+    if max(sizes[largest]) > (1 + VOXEL_SIZE_SPREAD) * min(sizes[smallest]):
+        raise ParameterError(
+            f"the training volumes in {folder} have different voxel sizes, from {min(sizes[smallest]):g} A "
+            f"({smallest.name}) to {max(sizes[largest]):g} A ({largest.name}); a prior is trained at one voxel "
+            "size, so resample the volumes to one size or train on one group at a time"
+        )
+    # MRC headers store float32, so the mean is rounded to 0.0001 A: 21.04, not 21.039999999999996.
+    voxel_size = round(float(np.mean([size for path in sizes for size in sizes[path]])), 4)
+    return volumes, f"{len(volumes)} MRC volumes from {folder} at {voxel_size:.4g} A", voxel_size
 
 
 def _sample_batch(volumes, config, generator):
@@ -303,6 +349,18 @@ class Trainer:
             raise ParameterError(f"invalid number of iterations {config.iterations!r}: must be an integer > 0")
         if not (isinstance(config.patch_size, int) and config.patch_size >= 8):
             raise ParameterError(f"invalid patch size {config.patch_size!r}: must be an integer >= 8")
+        for label, value in (
+            ("batch size", config.batch_size), ("number of channels", config.channels),
+            ("depth", config.depth), ("number of phantoms", config.phantoms),
+        ):
+            if not (isinstance(value, int) and value >= 1):
+                raise ParameterError(f"invalid {label} {value!r}: must be an integer >= 1")
+        if not (isinstance(config.learning_rate, (int, float)) and math.isfinite(config.learning_rate) and config.learning_rate > 0):
+            raise ParameterError(f"invalid learning rate {config.learning_rate!r}: must be a number > 0")
+        if config.voxel_size is not None and not (
+            isinstance(config.voxel_size, (int, float)) and math.isfinite(config.voxel_size) and config.voxel_size > 0
+        ):
+            raise ParameterError(f"invalid voxel size {config.voxel_size!r}: must be a number > 0 (Angstrom)")
         if not config.noise_levels or not all(s > 0 for s in config.noise_levels):
             raise ParameterError(f"invalid noise levels {config.noise_levels!r}: give numbers > 0")
         if not (isinstance(config.quadratic, (int, float)) and math.isfinite(config.quadratic) and config.quadratic >= 0):
@@ -331,7 +389,7 @@ class Trainer:
                     raise ParameterError(f"invalid {label} {value!r}: must be a number > 0")
 
         self.config = config
-        self.volumes, self.data_description = training_volumes(config)
+        self.volumes, self.data_description, self.voxel_size = training_volumes(config)
         # The initial weights are drawn from torch's global generator, seeded on a fork of it,
         # so the same seed gives the same network and the caller's random state is unchanged.
         with torch.random.fork_rng(devices=[]):
@@ -408,11 +466,41 @@ class Trainer:
         logger.debug("checkpoint at iteration %d written to %s", self.iteration, path)
 
     def _load_checkpoint(self, path):
-        from safetensors import safe_open
+        """Load the state that :meth:`save_checkpoint` wrote to ``path``.
 
-        with safe_open(str(path), framework="pt") as handle:
-            self.iteration = int(handle.metadata()["iteration"])
-        tensors = load_file(str(path))
+        Raises
+        ------
+        ParameterError
+            If the file is not a readable checkpoint, was written for another network, or is at
+            an iteration beyond ``config.iterations``.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ParameterError(f"{path} is not a valid checkpoint file ({error}); give a file written by train --checkpoint") from error
+        if "iteration" not in metadata or "config" not in metadata:
+            raise ParameterError(
+                f"{path} is not a training checkpoint (a prior file, perhaps); give a file written by train --checkpoint"
+            )
+
+        saved = json.loads(metadata["config"])
+        current = asdict(self.config)
+        for key in NETWORK_SETTINGS:
+            if key in saved and saved[key] != current[key]:
+                raise ParameterError(
+                    f"{path} was written with {key} {saved[key]!r}, not {current[key]!r}; resume with the same network settings"
+                )
+        self.iteration = int(metadata["iteration"])
+        if self.iteration > self.config.iterations:
+            raise ParameterError(
+                f"{path} is at iteration {self.iteration}, beyond the {self.config.iterations} iterations requested; "
+                f"ask for {self.iteration} iterations or more"
+            )
+
         self.network.load_state_dict({key[len("network."):]: value for key, value in tensors.items() if key.startswith("network.")})
         if self.average is not None:
             average = {key[len("average."):]: value for key, value in tensors.items() if key.startswith("average.")}
@@ -442,7 +530,7 @@ class Trainer:
             "version": __version__,
             "architecture": config.architecture,
             "hyperparameters": network.hyperparameters,
-            "training_voxel_size": float(config.voxel_size),
+            "training_voxel_size": float(self.voxel_size),
             "normalization": "each training volume scaled to mean 0 and standard deviation 1",
             "noise_levels": [float(s) for s in config.noise_levels],
             "objective": OBJECTIVES[config.objective],

@@ -99,3 +99,24 @@ def test_widget_trains_with_shipped_settings(train_widget, qtbot):
     shipped = resolve_prior("phantom_dsm").metadata["training"]
     for key in ("architecture", "channels", "depth", "dilations", "noise_levels", "phantoms", "schedule"):
         assert getattr(config, key) == shipped[key], key
+
+
+def test_trained_prior_reaches_open_widget(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    import napari_ebm.prior_files as prior_files
+
+    folders = [prior_files.prior_folders()[0], tmp_path / "user"]
+    monkeypatch.setattr("napari_ebm.prior_files.prior_folders", lambda: folders)
+    monkeypatch.setattr("napari_ebm._napari.train_widget.prior_folders", lambda: folders)
+    viewer = make_napari_viewer()
+    _, reconstruction = viewer.window.add_plugin_dock_widget("napari-ebm", "EBM reconstruction")
+    _, trainer = viewer.window.add_plugin_dock_widget("napari-ebm", "Train prior")
+    reconstruction.prior_combo.setCurrentText("tv")
+    trainer.name_edit.setText("fresh")
+    trainer.iterations_spin.setValue(2)
+
+    assert reconstruction.prior_combo.findText("fresh") == -1
+    assert trainer.start()
+    qtbot.waitUntil(lambda: not trainer.is_running(), timeout=120_000)
+
+    assert reconstruction.prior_combo.findText("fresh") >= 0
+    assert reconstruction.prior_combo.currentText() == "tv"

@@ -140,7 +140,7 @@ def test_missing_metadata_file_named(prior_path):
 def test_weights_not_fitting_rejected(prior_path):
     prior_path.with_suffix(".json").write_text(json.dumps(metadata(hyperparameters={"channels": 8, "depth": 2})))
 
-    with pytest.raises(PriorFileError, match="do not fit the architecture"):
+    with pytest.raises(PriorFileError, match=r"do not fit the architecture in the metadata \(size mismatch for body\.0\.weight"):
         load_prior(prior_path)
 
 

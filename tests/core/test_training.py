@@ -32,6 +32,61 @@ def test_training_lowers_dsm_loss():
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
 
 
+def train_command(tmp_path, *options):
+    return [
+        "train", "--out", str(tmp_path / "prior.safetensors"), "--patch-size", "12", "--batch-size", "1",
+        "--channels", "4", "--depth", "2", "--phantoms", "1", "--no-drift-check", "--quiet", "--overwrite", *options,
+    ]
+
+
+def test_resumed_loss_log_keeps_rows(tmp_path):
+    log = tmp_path / "loss.csv"
+    checkpoint = tmp_path / "checkpoint.safetensors"
+
+    first = main(train_command(tmp_path, "--iterations", "3", "--checkpoint", str(checkpoint), "--checkpoint-every", "2", "--loss-log", str(log)))
+    resumed = main(train_command(tmp_path, "--iterations", "4", "--resume", str(checkpoint), "--loss-log", str(log)))
+
+    assert first == 0
+    assert resumed == 0
+    iterations = [line.split(",")[0] for line in log.read_text().splitlines()]
+    assert iterations == ["iteration", "1", "2", "3", "4"]
+
+
+def test_existing_loss_log_kept(tmp_path, capsys):
+    log = tmp_path / "loss.csv"
+    log.write_text("earlier results\n")
+
+    code = main(["train", "--out", str(tmp_path / "prior.safetensors"), "--iterations", "1", "--loss-log", str(log), "--quiet"])
+
+    assert code == 2
+    assert f"--loss-log {log}: the file exists" in capsys.readouterr().err
+    assert log.read_text() == "earlier results\n"
+
+
+def test_bad_resume_files_rejected(tmp_path):
+    from napari_ebm.errors import ParameterError
+
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    trainer = Trainer(small_config(iterations=3))
+    for _ in trainer.iterations():
+        pass
+    trainer.save_checkpoint(checkpoint)
+    prior = trainer.save_prior(tmp_path / "prior.safetensors", "prior", "napari-ebm train")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+
+    with pytest.raises(ParameterError, match="garbage.safetensors is not a valid checkpoint file"):
+        Trainer(small_config(), checkpoint=garbage)
+    with pytest.raises(ParameterError, match="prior.safetensors is not a training checkpoint"):
+        Trainer(small_config(), checkpoint=prior)
+    with pytest.raises(ParameterError, match="was written with channels 4, not 8"):
+        Trainer(small_config(channels=8), checkpoint=checkpoint)
+    with pytest.raises(ParameterError, match="was written with architecture 'tv_conv_energy', not 'conv_energy'"):
+        Trainer(small_config(architecture="conv_energy"), checkpoint=checkpoint)
+    with pytest.raises(ParameterError, match="is at iteration 3, beyond the 2 iterations requested"):
+        Trainer(small_config(iterations=2), checkpoint=checkpoint)
+
+
 def test_resume_matches_uninterrupted(tmp_path):
     uninterrupted = Trainer(small_config(iterations=6))
     for _ in uninterrupted.iterations():
@@ -92,6 +147,12 @@ def test_train_command_writes_prior(tmp_path, capsys):
         (["--recommended-weight", "-1"], "--recommended-weight -1: must be >= 0"),
         (["--recommended-temperature", "-0.5"], "--recommended-temperature -0.5: must be >= 0"),
         (["--quadratic", "-0.1"], "invalid quadratic weight -0.1: must be a finite number >= 0"),
+        (["--batch-size", "0"], "invalid batch size 0: must be an integer >= 1"),
+        (["--channels", "0"], "invalid number of channels 0: must be an integer >= 1"),
+        (["--depth", "0"], "invalid depth 0: must be an integer >= 1"),
+        (["--learning-rate", "-1"], "invalid learning rate -1.0: must be a number > 0"),
+        (["--voxel-size", "0"], "invalid voxel size 0.0: must be a number > 0"),
+        (["--checkpoint-every", "0"], "invalid --checkpoint-every 0: must be > 0"),
     ],
 )
 def test_negative_train_option_rejected(tmp_path, capsys, options, message):
@@ -143,18 +204,62 @@ def test_psnr_and_ssim_rank_estimates():
     assert ssim(truth, truth) == pytest.approx(1.0)
 
 
-def test_training_reads_mrc_folder(tmp_path):
+def write_training_volumes(folder, voxel_sizes):
+    """Write one 16^3 noise volume per voxel size (Angstrom, or None for no voxel size) to ``folder``."""
     import mrcfile
 
-    for index in range(2):
-        with mrcfile.new(tmp_path / f"volume{index}.mrc") as mrc:
+    folder.mkdir(exist_ok=True)
+    for index, voxel_size in enumerate(voxel_sizes):
+        with mrcfile.new(folder / f"volume{index}.mrc") as mrc:
             mrc.set_data(np.random.default_rng(index).normal(size=(16, 16, 16)).astype(np.float32))
+            if voxel_size is not None:
+                mrc.voxel_size = voxel_size
+
+
+def test_training_reads_mrc_folder(tmp_path):
+    write_training_volumes(tmp_path, [21.04, 21.04])
 
     trainer = Trainer(small_config(data_folder=str(tmp_path), iterations=2))
     losses = [snapshot.loss for snapshot in trainer.iterations()]
+    path = trainer.save_prior(tmp_path / "data.safetensors", "data", "napari-ebm train --data")
 
-    assert trainer.data_description == f"2 MRC volumes from {tmp_path}"
+    assert trainer.data_description == f"2 MRC volumes from {tmp_path} at 21.04 A"
     assert len(losses) == 2
+    assert json.loads(path.with_suffix(".json").read_text())["training_voxel_size"] == pytest.approx(21.04)
+
+
+def test_mixed_voxel_sizes_rejected(tmp_path):
+    from napari_ebm.errors import ParameterError
+
+    write_training_volumes(tmp_path, [10.52, 21.04])
+
+    with pytest.raises(ParameterError, match=r"different voxel sizes, from 10.52 A \(volume0.mrc\) to 21.04 A \(volume1.mrc\)"):
+        Trainer(small_config(data_folder=str(tmp_path)))
+
+
+def test_missing_voxel_size_needs_fallback(tmp_path):
+    from napari_ebm.errors import ParameterError
+
+    write_training_volumes(tmp_path, [None, None])
+
+    with pytest.raises(ParameterError, match=r"volume0.mrc has no valid voxel size .*train --voxel-size"):
+        Trainer(small_config(data_folder=str(tmp_path)))
+    trainer = Trainer(small_config(data_folder=str(tmp_path), voxel_size=14.0))
+    assert trainer.voxel_size == 14.0
+
+
+def test_train_command_records_data_voxel_size(tmp_path, capsys):
+    write_training_volumes(tmp_path / "volumes", [21.04, 21.04])
+    out = tmp_path / "data_prior.safetensors"
+
+    code = main([
+        "train", "--out", str(out), "--data", str(tmp_path / "volumes"), "--iterations", "1", "--patch-size", "12",
+        "--batch-size", "1", "--channels", "4", "--depth", "2", "--no-drift-check", "--quiet",
+    ])
+
+    assert code == 0
+    assert json.loads(out.with_suffix(".json").read_text())["training_voxel_size"] == 21.04
+    assert "at 21.04 A, from iteration 0" in capsys.readouterr().out
 
 
 def test_empty_data_folder_rejected(tmp_path):

@@ -25,7 +25,7 @@ from ..errors import EBMError
 from ..prior_files import prior_folders
 from ..training import OBJECTIVES, SHIPPED_RECOMMENDED_WEIGHT, SHIPPED_SETTINGS, Trainer, TrainingConfig, check_drift
 from .plot import EnergyPlot
-from .widget import forward_errors
+from .widget import forward_errors, refresh_prior_lists
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,10 @@ class TrainPriorWidget(QWidget):
         self.voxel_spin = QDoubleSpinBox()
         self.voxel_spin.setRange(0.1, 1000.0)
         self.voxel_spin.setValue(10.0)
-        self.voxel_spin.setToolTip("voxel size of the phantoms in Angstrom")
+        self.voxel_spin.setToolTip(
+            "voxel size in Angstrom of the phantoms, and of data volumes whose header has none; "
+            "the prior records the training volumes' own voxel size"
+        )
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         self.objective_combo = QComboBox()
@@ -96,7 +99,7 @@ class TrainPriorWidget(QWidget):
         form.addRow("prior name", self.name_edit)
         form.addRow("training data", data_row)
         form.addRow("iterations", self.iterations_spin)
-        form.addRow("phantom voxel size (A)", self.voxel_spin)
+        form.addRow("voxel size (A)", self.voxel_spin)
         form.addRow("seed", self.seed_spin)
         form.addRow("objective", self.objective_combo)
         buttons = QHBoxLayout()
@@ -200,6 +203,7 @@ class TrainPriorWidget(QWidget):
             self._trainer.save_prior(
                 path, path.stem, f"Train prior widget: {self._trainer.config}", recommended_weight=SHIPPED_RECOMMENDED_WEIGHT
             )
+            refresh_prior_lists()
             show_info(f"Train prior: saved {path}; it is listed in the EBM reconstruction widget")
             self._start_drift_check(path)
             return
@@ -213,7 +217,7 @@ class TrainPriorWidget(QWidget):
         self.status.setText(f"saved {path}; checking MAP on held-out phantom 0 for drift...")
         self.stop_button.setEnabled(False)
         worker = create_worker(
-            check_drift, path, self._trainer.config.voxel_size, SHIPPED_RECOMMENDED_WEIGHT,
+            check_drift, path, self._trainer.voxel_size, SHIPPED_RECOMMENDED_WEIGHT,
             _start_thread=False, _ignore_errors=True,
         )
         worker.returned.connect(lambda check: self._on_drift_checked(path, check))

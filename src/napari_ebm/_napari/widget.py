@@ -11,6 +11,7 @@ import math
 import threading
 import time
 import warnings
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -70,6 +71,22 @@ SHUTDOWN_WAIT_SECONDS = 10.0
 
 # Last entry of the prior list, which opens a file dialog for a .safetensors prior file.
 BROWSE_ITEM = "Browse..."
+
+# Every open reconstruction widget, so that a prior trained in the "Train prior" widget can be
+# added to their prior lists. Closed widgets leave the set when they are deleted.
+_OPEN_WIDGETS = weakref.WeakSet()
+
+
+def refresh_prior_lists():
+    """Refill the prior list of every open "EBM reconstruction" widget, keeping each choice."""
+    for widget in list(_OPEN_WIDGETS):
+        try:
+            widget.refresh_priors()
+        except RuntimeError:
+            # Qt has deleted a closed widget whose Python object is still alive.
+            _OPEN_WIDGETS.discard(widget)
+    logger.debug("prior lists of %d widgets refreshed", len(_OPEN_WIDGETS))
+
 
 # Warnings of these categories are meant for developers, so a run logs them instead of showing them.
 DEVELOPER_WARNINGS = (DeprecationWarning, PendingDeprecationWarning)
@@ -256,6 +273,7 @@ class ReconstructionWidget(QWidget):
         self.refresh_layers()
         self.refresh_priors()
         self._set_running(False)
+        _OPEN_WIDGETS.add(self)
 
         for event in self._layer_list_events():
             event.connect(self.refresh_layers)
