@@ -670,7 +670,7 @@ def run_reconstruct(args, command):
     """
     started = utc_timestamp()
     clock = time.perf_counter()
-    input_path, volume, outputs, reconstruction = _prepare_run(args)
+    input_path, source, volume, outputs, reconstruction = _prepare_run(args)
     prepare_seconds = time.perf_counter() - clock
 
     print(_describe_run(volume, reconstruction))
@@ -689,7 +689,7 @@ def run_reconstruct(args, command):
     records = {
         path: build_record(
             command=command,
-            volume=volume,
+            volume=source,
             output_path=path,
             kind=kind,
             parameters=reconstruction.parameters(),
@@ -698,6 +698,14 @@ def run_reconstruct(args, command):
         )
         for _, path, kind in outputs
     }
+    if volume is not source:
+        for record in records.values():
+            record["resampled"] = {
+                "from_voxel_size": list(source.voxel_size),
+                "to_voxel_size": list(volume.voxel_size),
+                "from_shape": list(source.data.shape),
+                "to_shape": list(volume.data.shape),
+            }
     written = _write_outputs(outputs, last, trace, volume, input_path, records, args.overwrite, args.overwrite_input)
     if written is None:
         return EXIT_FAILED
@@ -720,7 +728,10 @@ def _prepare_run(args):
     Returns
     -------
     input_path : pathlib.Path
+    source : napari_ebm.io.Volume
+        The volume as read from the file.
     volume : napari_ebm.io.Volume
+        The volume that the run reconstructs: ``source``, or with ``--resample`` its resampled copy.
     outputs : list of (option, pathlib.Path, kind)
     reconstruction : Reconstruction
 
@@ -756,6 +767,7 @@ def _prepare_run(args):
             "is a copy of the x voxel size"
         )
 
+    source = volume
     volume = _check_prior_voxel_size(config, volume, args.resample)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -765,7 +777,13 @@ def _prepare_run(args):
         except ParameterError as error:
             raise ParameterError(_with_option_names(str(error))) from error
     _print_user_warnings(caught, "preparing the run")
-    return input_path, volume, outputs, reconstruction
+    return input_path, source, volume, outputs, reconstruction
+
+
+def _format_voxel_size(voxel_size):
+    """Return "10.52 A", or "9.935 x 9.956 x 9.956 A" (z, y, x) when the axes differ."""
+    sizes = [f"{size:.4g}" for size in voxel_size]
+    return f"{sizes[0]} A" if len(set(sizes)) == 1 else f"{' x '.join(sizes)} A"
 
 
 def _check_prior_voxel_size(config, volume, resample):
@@ -780,7 +798,7 @@ def _check_prior_voxel_size(config, volume, resample):
 
     target = float(prior.metadata["training_voxel_size"])
     data, voxel_size = fourier_resample(volume.data, volume.voxel_size, target)
-    print(f"resampled {volume.data.shape} at {volume.voxel_size[0]:.4g} A to {data.shape} at {voxel_size[0]:.4g} A")
+    print(f"resampled {volume.data.shape} at {_format_voxel_size(volume.voxel_size)} to {data.shape} at {_format_voxel_size(voxel_size)}")
     return Volume(data=data, voxel_size=voxel_size, origin=volume.origin, path=volume.path, is_stack=volume.is_stack)
 
 

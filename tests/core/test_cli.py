@@ -596,9 +596,16 @@ def test_resample_writes_prior_voxel_size(tmp_path, capsys):
 
     with mrcfile.open(out) as mrc:
         voxel_x = float(mrc.voxel_size.x)
+        shape = list(mrc.data.shape)
+    record = json.loads(Path(f"{out}.json").read_text())
     assert code == 0
     assert "resampled" in stdout
     assert voxel_x == pytest.approx(10.0, rel=0.15)
+    assert record["input"]["voxel_size"] == [4.0, 4.0, 4.0]
+    assert record["input"]["shape"] != shape
+    assert record["resampled"]["from_shape"] == record["input"]["shape"]
+    assert record["resampled"]["to_shape"] == shape
+    assert record["resampled"]["to_voxel_size"][2] == pytest.approx(voxel_x, rel=1e-5)
 
 
 @pytest.mark.parametrize(("method", "extra"), [("map", []), ("langevin", ["--burn-in", "1", "--std-out", "STD"])])
