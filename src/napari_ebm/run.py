@@ -583,6 +583,8 @@ class Reconstruction:
                 raise ParameterError("the volume is constant (standard deviation 0), so there is nothing to reconstruct")
 
         prior = resolve_prior(config.prior, **config.prior_options)
+        prior_file = (getattr(prior, "metadata", None) or {}).get("file")
+        self.prior_file = None if prior_file is None else os.path.abspath(prior_file)
         self.memory_needed = estimate_memory(self.shape, config.method, prior, config.operator)
         self._check_memory()
 
@@ -710,6 +712,7 @@ class Reconstruction:
             device_used=str(self.device),
             normalization={"offset": self.offset, "scale": self.scale, "kind": self.normalization},
             memory_estimate_bytes=self.memory_needed,
+            prior_file=self.prior_file,
             napari_ebm_version=__version__,
             torch_version=torch.__version__,
         )

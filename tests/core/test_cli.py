@@ -843,3 +843,22 @@ def test_sidecar_reruns_bit_identical(tmp_path, volume_path, capsys):
 
     np.testing.assert_array_equal(last.mean, read_mrc(mean_path)[0])
     np.testing.assert_array_equal(last.std, read_mrc(std_path)[0])
+
+
+def test_sidecar_records_absolute_prior_file(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from napari_ebm.prior_files import resolve_prior
+
+    shipped = Path(resolve_prior("phantom_dsm").metadata["file"])
+    shutil.copy(shipped, tmp_path / "copy.safetensors")
+    shutil.copy(shipped.with_suffix(".json"), tmp_path / "copy.json")
+    path = write_input(tmp_path / "input.mrc", voxel_size=(10.0, 10.0, 10.0))
+    monkeypatch.chdir(tmp_path)
+
+    code, _, _ = run_cli(capsys, "reconstruct", path, "--out", "out.mrc", "--prior", "copy.safetensors", "--steps", "1", "--quiet")
+
+    parameters = json.loads((tmp_path / "out.mrc.json").read_text())["parameters"]
+    assert code == 0
+    assert parameters["prior"] == "copy.safetensors"
+    assert parameters["prior_file"] == str(tmp_path / "copy.safetensors")
