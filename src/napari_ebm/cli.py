@@ -27,7 +27,7 @@ from .errors import EBMError, NonFiniteEnergyError, ParameterError, RunError, Vo
 from .io import MRC_SUFFIXES, Volume, read_volume, write_mrc
 from .operators import OPERATORS
 from .prior_files import list_available_priors, prior_folders, resolve_prior
-from .resample import fourier_resample, voxel_size_mismatch
+from .resample import format_voxel_size, fourier_resample, resampling_record, voxel_size_mismatch
 from .priors import PRIORS
 from .run import DEVICES, METHODS, Reconstruction, RunConfig, describe_prior_settings, validate_config
 from .sidecar import build_record, sidecar_path, utc_timestamp, write_sidecar, write_text_atomically
@@ -700,12 +700,7 @@ def run_reconstruct(args, command):
     }
     if volume is not source:
         for record in records.values():
-            record["resampled"] = {
-                "from_voxel_size": list(source.voxel_size),
-                "to_voxel_size": list(volume.voxel_size),
-                "from_shape": list(source.data.shape),
-                "to_shape": list(volume.data.shape),
-            }
+            record["resampled"] = resampling_record(source.data.shape, source.voxel_size, volume.data.shape, volume.voxel_size)
     written = _write_outputs(outputs, last, trace, volume, input_path, records, args.overwrite, args.overwrite_input)
     if written is None:
         return EXIT_FAILED
@@ -780,12 +775,6 @@ def _prepare_run(args):
     return input_path, source, volume, outputs, reconstruction
 
 
-def _format_voxel_size(voxel_size):
-    """Return "10.52 A", or "9.935 x 9.956 x 9.956 A" (z, y, x) when the axes differ."""
-    sizes = [f"{size:.4g}" for size in voxel_size]
-    return f"{sizes[0]} A" if len(set(sizes)) == 1 else f"{' x '.join(sizes)} A"
-
-
 def _check_prior_voxel_size(config, volume, resample):
     """Warn about, or with ``resample`` remove, a mismatch with a trained prior's voxel size."""
     prior = resolve_prior(config.prior, **config.prior_options)
@@ -798,7 +787,7 @@ def _check_prior_voxel_size(config, volume, resample):
 
     target = float(prior.metadata["training_voxel_size"])
     data, voxel_size = fourier_resample(volume.data, volume.voxel_size, target)
-    print(f"resampled {volume.data.shape} at {_format_voxel_size(volume.voxel_size)} to {data.shape} at {_format_voxel_size(voxel_size)}")
+    print(f"resampled {volume.data.shape} at {format_voxel_size(volume.voxel_size)} to {data.shape} at {format_voxel_size(voxel_size)}")
     return Volume(data=data, voxel_size=voxel_size, origin=volume.origin, path=volume.path, is_stack=volume.is_stack)
 
 

@@ -59,3 +59,21 @@ def fourier_resample(volume, voxel_size, target_voxel_size):
     result = np.fft.ifftn(np.fft.ifftshift(resized)).real * (new_shape.prod() / old_shape.prod())
     new_voxel_size = tuple(float(v) for v in np.asarray(voxel_size, float) * old_shape / new_shape)
     return result.astype(np.float32), new_voxel_size
+
+
+def format_voxel_size(voxel_size):
+    """Format a (z, y, x) voxel size in Angstrom as "10.52 A", or "4 x 3 x 2 A" when anisotropic."""
+    sizes = [float(size) for size in voxel_size]
+    if np.allclose(sizes, sizes[0], rtol=1e-6):
+        return f"{sizes[0]:.4g} A"
+    return " x ".join(f"{size:.4g}" for size in sizes) + " A"
+
+
+def resampling_record(from_shape, from_voxel_size, to_shape, to_voxel_size):
+    """Return the record of one resampling that sidecars and layer metadata store, as a dict of lists."""
+    return {
+        "from_voxel_size": [float(size) for size in from_voxel_size],
+        "to_voxel_size": [float(size) for size in to_voxel_size],
+        "from_shape": [int(n) for n in from_shape],
+        "to_shape": [int(n) for n in to_shape],
+    }

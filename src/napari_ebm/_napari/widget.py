@@ -41,7 +41,7 @@ from ..errors import EBMError, ParameterError
 from ..operators import OPERATORS
 from ..prior_files import PRIOR_SUFFIX, PriorFileError, find_prior_files, list_available_priors, read_metadata
 from ..priors import PRIORS
-from ..resample import VOXEL_SIZE_TOLERANCE, fourier_resample, voxel_size_mismatch
+from ..resample import VOXEL_SIZE_TOLERANCE, format_voxel_size, fourier_resample, resampling_record, voxel_size_mismatch
 from ..run import DEVICES, METHODS, Reconstruction, RunConfig, describe_prior_settings
 from .plot import EnergyPlot
 from .streaming import OutputLayers
@@ -210,14 +210,6 @@ def prior_file_metadata(name_or_path):
     except PriorFileError as error:
         logger.debug("no voxel-size check for prior %r: %s", name_or_path, error)
         return None
-
-
-def format_voxel_size(voxel_size):
-    """Format a (z, y, x) voxel size in Angstrom as "10.52 A", or "4 x 3 x 2 A" when anisotropic."""
-    sizes = [float(size) for size in voxel_size]
-    if np.allclose(sizes, sizes[0], rtol=1e-6):
-        return f"{sizes[0]:.4g} A"
-    return " x ".join(f"{size:.4g}" for size in sizes) + " A"
 
 
 def parse_optional_positive(text, label):
@@ -745,13 +737,7 @@ class ReconstructionWidget(QWidget):
         )
         logger.info("layer %r: %s", layer.name, message)
         show_info(f"EBM reconstruction: {message}")
-        resampled = {
-            "from_voxel_size": list(voxel_size),
-            "to_voxel_size": list(new_voxel_size),
-            "from_shape": list(layer.data.shape),
-            "to_shape": list(data.shape),
-        }
-        return data, resampled
+        return data, resampling_record(layer.data.shape, voxel_size, data.shape, new_voxel_size)
 
     def toggle_pause(self):
         """Pause the running worker at its next step, or resume it."""
