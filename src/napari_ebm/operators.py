@@ -138,6 +138,8 @@ class Wedge(Operator):
         logger.debug("wedge %s: %.3f of the rfft grid measured", self.tilt_range, self.measured_fraction)
 
     def forward(self, x):
+        # NOTE: on the CPU, a learned-prior run, then these transforms on a large volume, then another
+        # learned-prior run can crash the process, for a reason not yet known (scripts/reproduce_heap_crash.py).
         spectrum = torch.fft.rfftn(x, dim=(-3, -2, -1), norm="ortho")
         spectrum = spectrum * self.mask
         return torch.fft.irfftn(spectrum, s=x.shape[-3:], dim=(-3, -2, -1), norm="ortho")
