@@ -4,8 +4,10 @@ Run it from the repository root: ``.venv/bin/python scripts/reproduce_heap_crash
 On a 2 vCPU Intel Xeon VM with torch 2.13.0+cpu it crashed in 8 of 10 tries, mostly in the
 first repetition. The process ended with SIGABRT ("double free or corruption" or "free():
 invalid pointer" inside MKL's sgemm buffers) or with SIGSEGV. It printed "no crash" in all
-7 tries without the first learned-prior run, and in all 7 with the denoise operator in place
-of the wedge. The cause is not known.
+7 tries without the first learned-prior run, in all 7 with the denoise operator in place of
+the wedge in the large runs, and in all 7 with the denoise operator in the first run. With
+``tv`` in place of the last learned prior it crashed in 1 of 4 tries, so the heap is already
+damaged before that run. The cause is not known.
 """
 
 import warnings
