@@ -1,13 +1,16 @@
-"""Reproduce a crash of the Python process that mixes learned-prior and wedge runs.
+"""Run the sequence of runs that crashed the process when the wedge operator used irfftn on the CPU.
 
-Run it from the repository root: ``.venv/bin/python scripts/reproduce_heap_crash.py``.
-On a 2 vCPU Intel Xeon VM with torch 2.13.0+cpu it crashed in 8 of 10 tries, mostly in the
-first repetition. The process ended with SIGABRT ("double free or corruption" or "free():
-invalid pointer" inside MKL's sgemm buffers) or with SIGSEGV. It printed "no crash" in all
-7 tries without the first learned-prior run, in all 7 with the denoise operator in place of
-the wedge in the large runs, and in all 7 with the denoise operator in the first run. With
-``tv`` in place of the last learned prior it crashed in 1 of 4 tries, so the heap is already
-damaged before that run. The cause is not known.
+Run it from the repository root: ``.venv/bin/python scripts/reproduce_heap_crash.py``. It
+prints "no crash" when the process survives.
+
+With ``torch.fft.irfftn`` as the inverse transform of the wedge operator, on a 2 vCPU Intel Xeon
+VM with torch 2.13.0+cpu, this sequence crashed in 8 of 10 tries with SIGABRT ("double free or
+corruption" or "free(): invalid pointer" inside MKL's sgemm buffers) or SIGSEGV. It did not
+crash without the first learned-prior run, or with the denoise operator in the first run or in
+the large runs (7 tries each). A complex fftn in place of the forward transform still crashed
+in 4 of 4 tries. A complex ifftn of the full spectrum in place of the inverse crashed in none of
+4, so the wedge operator now uses that inverse on the CPU. Since then the script
+printed "no crash" in 8 of 8 tries.
 """
 
 import warnings

@@ -138,14 +138,42 @@ class Wedge(Operator):
         logger.debug("wedge %s: %.3f of the rfft grid measured", self.tilt_range, self.measured_fraction)
 
     def forward(self, x):
-        # NOTE: on the CPU, a learned-prior run, then these transforms on a large volume, then another
-        # learned-prior run can crash the process, for a reason not yet known (scripts/reproduce_heap_crash.py).
         spectrum = torch.fft.rfftn(x, dim=(-3, -2, -1), norm="ortho")
         spectrum = spectrum * self.mask
-        return torch.fft.irfftn(spectrum, s=x.shape[-3:], dim=(-3, -2, -1), norm="ortho")
+        if x.device.type != "cpu":
+            return torch.fft.irfftn(spectrum, s=x.shape[-3:], dim=(-3, -2, -1), norm="ortho")
+
+        # On the CPU, a sequence of runs with torch 2.13's irfftn here crashed the process with heap
+        # corruption (scripts/reproduce_heap_crash.py). The complex inverse of the full spectrum
+        # gives the same volume to about 1e-6, and the same sequence did not crash with it.
+        full = hermitian_spectrum(spectrum, self.shape[-1])
+        return torch.fft.ifftn(full, dim=(-3, -2, -1), norm="ortho").real
 
     def describe(self):
         return {"name": self.name, "tilt_range": list(self.tilt_range)}
+
+
+def hermitian_spectrum(half, nx):
+    """Return the full 3D spectrum of a real volume from its rfftn half.
+
+    Parameters
+    ----------
+    half : torch.Tensor
+        Complex spectrum from ``torch.fft.rfftn`` over the last three axes, with nx // 2 + 1
+        entries on the last axis.
+    nx : int
+        Length of the last axis of the real volume.
+
+    Returns
+    -------
+    torch.Tensor
+        Complex spectrum with ``nx`` entries on the last axis. The entry at (-kz, -ky, -kx) is
+        the complex conjugate of the entry at (kz, ky, kx), indices taken modulo the axis length.
+    """
+    missing = nx - half.shape[-1]
+    mirrored = torch.flip(half[..., 1 : missing + 1], dims=(-3, -2, -1))
+    mirrored = torch.roll(mirrored, shifts=(1, 1), dims=(-3, -2))
+    return torch.cat([half, torch.conj(mirrored)], dim=-1)
 
 
 def create_operator(name, shape, tilt_range=(-60.0, 60.0), device="cpu"):

@@ -6,7 +6,7 @@ import torch
 
 from napari_ebm.energy import estimate_noise_sigma, estimate_signal_std
 from napari_ebm.errors import ParameterError
-from napari_ebm.operators import OPERATORS, Wedge, create_operator, wedge_mask
+from napari_ebm.operators import OPERATORS, Wedge, create_operator, hermitian_spectrum, wedge_mask
 from napari_ebm.priors import create_prior, list_priors
 
 SHAPES = [(16, 12, 10), (15, 13, 11), (9, 8, 16)]
@@ -150,3 +150,23 @@ def test_signal_estimate_has_a_floor():
     observed = torch.from_numpy(np.random.default_rng(2).normal(size=(32, 32, 32))).float()
 
     assert estimate_signal_std(observed, 2.0) == pytest.approx(np.sqrt(0.05 * float(observed.var())), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 10), (5, 7, 9), (1, 6, 7)])
+def test_hermitian_spectrum_matches_fftn(shape):
+    volume = torch.randn(shape, dtype=torch.float64)
+
+    full = hermitian_spectrum(torch.fft.rfftn(volume), shape[-1])
+
+    torch.testing.assert_close(full, torch.fft.fftn(volume))
+
+
+@pytest.mark.parametrize("shape", [(16, 20, 18), (9, 11, 13)])
+def test_wedge_cpu_path_matches_irfftn(shape):
+    operator = Wedge(shape)
+    volume = torch.randn(shape)
+
+    spectrum = torch.fft.rfftn(volume, norm="ortho") * operator.mask
+    expected = torch.fft.irfftn(spectrum, s=shape, norm="ortho")
+
+    torch.testing.assert_close(operator.forward(volume), expected, rtol=0, atol=1e-5)

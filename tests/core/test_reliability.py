@@ -342,7 +342,7 @@ def test_memory_estimate_grows_with_model():
 
     overhead = run_module.RUN_OVERHEAD_BYTES
 
-    assert map_tv == 15 * 4 * 64**3 + overhead
+    assert map_tv == 16 * 4 * 64**3 + overhead
     assert langevin_tv > map_tv
     assert learned - overhead > 10 * (map_tv - overhead)
     assert larger - overhead == 8 * (map_tv - overhead)
