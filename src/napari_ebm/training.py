@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from . import __version__
 from .errors import MissingVoxelSizeWarning, ParameterError, RunError
@@ -479,7 +479,7 @@ class Trainer:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except (SafetensorError, OSError, ValueError) as error:
             raise ParameterError(f"{path} is not a valid checkpoint file ({error}); give a file written by train --checkpoint") from error
         if "iteration" not in metadata or "config" not in metadata:
